@@ -1,0 +1,1 @@
+"""Model layer: compressors, backbone adapters (one file per family), embedder, prompts."""

