@@ -1,0 +1,70 @@
+"""Shared fixtures. Nothing here reaches the network: weights come from installed packages."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+FLICKR = REPO.parent / "shared" / "data" / "flickr8k-1k"
+
+
+@pytest.fixture(scope="session")
+def flickr_dir() -> Path:
+    if not (FLICKR / "captions.csv").is_file():
+        pytest.skip(f"shared data not found at {FLICKR}")
+    return FLICKR
+
+
+@pytest.fixture(scope="session")
+def tiny_composed():
+    from magic_mm import MagicEmbedder
+
+    return MagicEmbedder.from_pretrained("tiny-random-composed")
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl():
+    from magic_mm import MagicEmbedder
+
+    return MagicEmbedder.from_pretrained("tiny-random-internvl")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from magic_mm import MagicEmbedder
+
+    return MagicEmbedder.from_pretrained("magic-mm-tiny")
+
+
+def make_image(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:
+    """A deterministic, non-uniform RGB image."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run ``magic-mm ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from magic_mm.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["magic-mm", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

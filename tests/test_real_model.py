@@ -1,0 +1,54 @@
+"""The embedded default model with its real weights (EfficientNet-Lite0 + SmolLM2-135M)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from magic_mm.model import efficientnet_lite
+
+pytestmark = pytest.mark.real_weights
+
+
+def test_efficientnet_weights_load_strictly_and_classify(flickr_dir):
+    net = efficientnet_lite.EfficientNetLite0()
+    state = torch.load(efficientnet_lite.packaged_weights_path(), map_location="cpu", weights_only=True)
+    result = net.load_state_dict(state, strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    net.eval()
+    # 1001773457_577c3a7d70.jpg: "A black dog and a spotted dog are fighting".
+    img = Image.open(flickr_dir / "images" / "1001773457_577c3a7d70.jpg").convert("RGB").resize((224, 224))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    x = (x - 0.5) / 0.5
+    with torch.no_grad():
+        top = net(x).softmax(-1).topk(5).indices[0].tolist()
+    assert any(151 <= c <= 268 for c in top), top  # ImageNet's dog classes
+
+
+def test_default_model_embeds_a_shared_image_and_caption(default_model, flickr_dir):
+    info = default_model.info()
+    assert info["family"] == "composed" and info["embedding_dim"] == 576
+    assert info["visual_tokens"] == {"none": 196, "bilinear:2": 49}
+    image = flickr_dir / "images" / "1001773457_577c3a7d70.jpg"
+    caption = "A black dog and a spotted dog are fighting"
+    img_vec = default_model.encode([image], role="candidate")
+    txt_vec = default_model.encode([caption], role="query")
+    pair_vec = default_model.encode([(image, caption)], role="candidate")
+    for v in (img_vec, txt_vec, pair_vec):
+        assert v.shape == (1, 576) and np.isfinite(v).all()
+        assert abs(np.linalg.norm(v) - 1) < 1e-5
+    assert np.abs(img_vec - txt_vec).max() > 1e-3 and np.abs(img_vec - pair_vec).max() > 1e-3
+    # Batch invariance on the real backbone, too.
+    both = default_model.encode([caption, image, (image, caption)], role="candidate", batch_size=3)
+    alone = np.concatenate([default_model.encode([x], role="candidate") for x in (caption, image, (image, caption))])
+    np.testing.assert_allclose(both, alone, atol=1e-4)
+
+
+def test_visual_tokens_really_reach_the_lm(default_model, flickr_dir):
+    """With s = 2 the LM input holds 49 image positions; with none, 196."""
+    from magic_mm import MagicEmbedder
+
+    image = Image.open(flickr_dir / "images" / "1001773457_577c3a7d70.jpg").convert("RGB")
+    assert default_model.backbone.encode_images([image])[0].shape == (49, 576)
+    uncompressed = MagicEmbedder.from_pretrained("magic-mm-tiny", compression="none")
+    assert uncompressed.backbone.encode_images([image])[0].shape == (196, 576)
