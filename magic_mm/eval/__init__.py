@@ -1,0 +1,1 @@
+"""Evaluation: the MMEB-layout task harness, retrieval metrics and the efficiency benchmark."""
