@@ -233,6 +233,11 @@ def demo(
     )
 
 
+from magic_mm.eval.commands import register as _register_eval  # noqa: E402  (eval, convert, bench)
+
+_register_eval(app)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
