@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from magic_mm.errors import BadInputError, ModelFolderError, UserError
 from magic_mm.progress import progress
-from magic_mm.model.backbones import Backbone, backbone_class
+from magic_mm.model.backbones import Backbone, backbone_class, checkpoint_family
+from magic_mm.model.backbones.base import ImageSpan
 from magic_mm.model.compression import Compression
 from magic_mm.model.config import (
     CONFIG_FILE,
@@ -101,8 +102,9 @@ class MagicEmbedder(torch.nn.Module):
             if not folder.is_dir():
                 raise ModelFolderError(f"{name}: is a file; pass the model's folder instead")
             raw = read_folder_config(folder)
-            if raw.get("model_type") == "internvl":  # a plain transformers checkpoint
-                config = EmbedderConfig(family="internvl", backbone={"base": str(folder.resolve())},
+            family = checkpoint_family(raw.get("model_type"))
+            if family is not None:  # a plain transformers checkpoint (InternVL, Qwen-VL, ...)
+                config = EmbedderConfig(family=family, backbone={"base": str(folder.resolve())},
                                         name=folder.name)
                 model = cls.from_config(config, compression)
             else:
@@ -253,22 +255,31 @@ class MagicEmbedder(torch.nn.Module):
         if with_images:
             encoded = self.backbone.encode_images([batch[i].image for i in with_images])
             image_tokens = dict(zip(with_images, encoded))
-        sequences = [
-            self._sequence(p, image_tokens.get(i), role, instruction) for i, p in enumerate(batch)
-        ]
-        return self._last_token_states(sequences)
+        sequences, spans = [], []
+        for i, p in enumerate(batch):
+            sequence, image_start = self._sequence(p, image_tokens.get(i), role, instruction)
+            sequences.append(sequence)
+            if image_start is not None:
+                spans.append(ImageSpan(i, image_start, len(image_tokens[i]), with_images.index(i)))
+        return self._last_token_states(sequences, spans)
 
-    def _sequence(self, item: PreparedInput, image: torch.Tensor | None, role: Role, instruction: str) -> torch.Tensor:
+    def _sequence(
+        self, item: PreparedInput, image: torch.Tensor | None, role: Role, instruction: str
+    ) -> tuple[torch.Tensor, int | None]:
+        """The prompt's embeddings, and the position where the image tokens start (if any)."""
         text = self._truncate(item.text, item.name) if item.text else None
         prompt = build_prompt(role, instruction, text, image is not None)
-        pieces = []
+        pieces: list[torch.Tensor | None] = []
+        image_start = None
         for segment in prompt.segments:
             if segment is IMAGE:
                 before, after = self.backbone.image_wrap
-                pieces += [self._embed_text(before), image, self._embed_text(after)]
+                pieces.append(self._embed_text(before))
+                image_start = sum(len(p) for p in pieces if p is not None)
+                pieces += [image, self._embed_text(after)]
             else:
                 pieces.append(self._embed_text(segment))
-        return torch.cat([p for p in pieces if p is not None and len(p)])
+        return torch.cat([p for p in pieces if p is not None and len(p)]), image_start
 
     def _embed_text(self, text: str) -> torch.Tensor | None:
         if not text:
@@ -289,7 +300,7 @@ class MagicEmbedder(torch.nn.Module):
         )
         return self.backbone.tokenizer.decode(ids[:limit])
 
-    def _last_token_states(self, sequences: list[torch.Tensor]) -> torch.Tensor:
+    def _last_token_states(self, sequences: list[torch.Tensor], spans: Sequence[ImageSpan] = ()) -> torch.Tensor:
         """Right-pad, run the LM, and take each sequence's last real token (post final norm).
 
         Right padding plus a causal mask means pad positions never influence real
@@ -303,7 +314,8 @@ class MagicEmbedder(torch.nn.Module):
         for i, seq in enumerate(sequences):
             embeds[i, : len(seq)] = seq
             mask[i, : len(seq)] = 1
-        states = self.backbone.decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        extra = self.backbone.decoder_kwargs(list(spans), mask)  # e.g. Qwen-VL's M-RoPE positions
+        states = self.backbone.decoder(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state
         return states[torch.arange(len(sequences), device=states.device), lengths - 1]
 
     # -- description ----------------------------------------------------------------

@@ -11,11 +11,16 @@ compression, pooling, training and serving are written once:
    the final, post-norm hidden state.
 
 ``encode_images`` strings 1–3 together for a batch of images.
+
+Families whose LM needs more than ``inputs_embeds`` and ``attention_mask`` (e.g.
+Qwen-VL's 3-D rotary positions) return the extra decoder arguments from
+``decoder_kwargs``, given where each image's tokens landed in the padded batch.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -25,10 +30,22 @@ from torch import nn
 from magic_mm.model.compression import Compression
 
 
+@dataclass(frozen=True)
+class ImageSpan:
+    """Where one image's tokens sit in an assembled, right-padded LM batch."""
+
+    row: int  # which sequence of the batch
+    start: int  # position of its first token
+    length: int  # how many tokens (the length ``encode_images`` returned for it)
+    image: int  # index of the image in the latest ``encode_images`` call
+
+
 class Backbone(nn.Module, ABC):
     family: ClassVar[str]
     #: Text placed right before / after the visual tokens (e.g. InternVL's ``<img>``).
     image_wrap: ClassVar[tuple[str, str]] = ("", "")
+    #: ``model_type`` values of raw transformers checkpoints this family loads.
+    checkpoint_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: dict[str, Any], compression: Compression) -> None:
         super().__init__()
@@ -127,6 +144,10 @@ class Backbone(nn.Module, ABC):
     def tokens_per_grid(self, height: int, width: int) -> int:
         """Tokens the connector emits for a compressed grid (InternVL halves each side)."""
         return height * width
+
+    def decoder_kwargs(self, spans: list[ImageSpan], attention_mask: torch.Tensor) -> dict[str, Any]:
+        """Extra decoder arguments for a padded batch (default none: ordinary 1-D positions)."""
+        return {}
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.get_input_embeddings()(ids)
