@@ -1,0 +1,136 @@
+"""``magic-mm index`` and ``magic-mm search`` (registered on the main app by ``register``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from magic_mm.errors import UserError
+
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_DB = Path("magic.lance")
+DbOpt = Annotated[Path, typer.Option("--db", help="LanceDB folder holding the index.")]
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m", help="Model; default: the one the index was built with (new index: magic-mm-tiny).")]
+CompressionOpt = Annotated[str | None, typer.Option(help="Override compression (must match the index).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def load_embedder(model: str, compression: str | None, quiet: bool = False) -> Any:
+    from transformers.utils import logging as hf_logging
+
+    from magic_mm import MagicEmbedder
+
+    hf_logging.disable_progress_bar()
+    if quiet:
+        return MagicEmbedder.from_pretrained(model, compression=compression)
+    with err.status(f"loading {model} …"):
+        return MagicEmbedder.from_pretrained(model, compression=compression)
+
+
+def model_for(db: Path, model: str | None) -> str:
+    """``--model`` if given, else the model that built ``db``, else the default."""
+    if model is not None:
+        return model
+    from magic_mm.index.store import PageStore
+
+    try:
+        return PageStore.open(db).stamp.model
+    except UserError:
+        return "magic-mm-tiny"
+
+
+def index(
+    paths: Annotated[list[Path], typer.Argument(help="Image files, PDF files or folders (searched recursively).")],
+    db: DbOpt = DEFAULT_DB,
+    model: ModelOpt = None,
+    compression: CompressionOpt = None,
+    prune: Annotated[bool, typer.Option(help="Remove rows of files under PATHS that no longer exist.")] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="Index at most this many files (sorted by path).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pages per forward pass and per commit.")] = 16,
+    ann: Annotated[str | None, typer.Option(help="Then build an ANN index: ivf-pq or hnsw (for >100k rows).")] = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Embed images and PDF pages under PATHS into a LanceDB index, incrementally.
+
+    Unchanged files (same content hash) are skipped, changed ones replaced; a killed
+    run can simply be started again.
+    """
+    from magic_mm.index.indexer import index_paths
+    from magic_mm.index.store import ANN_ADVICE_ROWS, ANN_KINDS, ModelStamp, PageStore
+
+    if ann is not None and ann not in ANN_KINDS:
+        raise UserError(f"--ann {ann!r}: choose one of {', '.join(ANN_KINDS)}")
+    model = model_for(db, model)
+    embedder = load_embedder(model, compression, quiet or as_json)
+    store = PageStore.open_or_create(db, ModelStamp.of(embedder, model))
+    summary = index_paths(embedder, store, paths, prune=prune, batch_size=batch_size, limit=limit,
+                          show_progress=not (quiet or as_json))
+    if ann is not None:
+        with err.status(f"building {ann} index …"):
+            store.build_ann(ann)
+    result = {"db": str(db), "model": model, **summary.to_dict(), "ann": ann}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    counts = summary.counts()
+    out.print(f"indexed into {db} with {model}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+              + f"; {summary.pages_embedded} pages embedded; {summary.rows} rows in the index")
+    for failure in summary.failed:
+        err.print(f"[yellow]failed[/] {failure['reason']}", highlight=False, soft_wrap=True)
+    if summary.missing:
+        err.print(f"{len(summary.missing)} indexed file(s) no longer exist; pass --prune to remove them")
+    if summary.rows > ANN_ADVICE_ROWS and ann is None:
+        err.print(f"{summary.rows:,} rows: exact search is getting slow; add an ANN index with --ann ivf-pq")
+
+
+def search(
+    text: Annotated[str | None, typer.Argument(help="Search text (optional with --image).")] = None,
+    image: Annotated[Path | None, typer.Option("--image", "-i", help="Query image (optional with TEXT).")] = None,
+    db: DbOpt = DEFAULT_DB,
+    k: Annotated[int, typer.Option("--k", "-k", min=1, max=1000, help="Results to show.")] = 10,
+    rerank: Annotated[bool, typer.Option(help="Rescore the top candidates with MagicReranker.")] = False,
+    rerank_top: Annotated[int, typer.Option(min=1, help="Candidates the reranker rescores.")] = 10,
+    exact: Annotated[bool, typer.Option(help="Exact search even if an ANN index exists.")] = False,
+    model: ModelOpt = None,
+    compression: CompressionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search the index with a text, an image, or both; shows rank, score, path and page."""
+    from magic_mm.index.search import check_same_model, embed_query, load_reranker, query_input, retrieve
+    from magic_mm.index.store import PageStore
+
+    query = query_input(text, image)
+    store = PageStore.open(db)
+    model = model or store.stamp.model
+    reranker = load_reranker(model) if rerank else None  # fail before the slow part
+    embedder = load_embedder(model, compression, as_json)
+    check_same_model(store, embedder, model)
+    hits = retrieve(store, embed_query(embedder, query), k, query=query, reranker=reranker,
+                    rerank_top=rerank_top, exact=exact)
+    if as_json:
+        print(json.dumps({"query": {"text": query.text, "image": str(image) if image else None},
+                          "reranked": rerank, "results": [h.to_dict() for h in hits]}, indent=2))
+        return
+    title = " + ".join(part for part in (f"“{query.text}”" if query.text else "",
+                                         f"image {image}" if image else "") if part)
+    table = Table(title=f"{title}{'  (reranked)' if rerank else ''}", title_justify="left")
+    for column, justify in (("rank", "right"), ("score", "right"), ("path", "left"), ("page", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for hit in hits:
+        page = f"{hit.page}/{hit.pages}" if hit.kind == "pdf" else "-"
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.path, page)
+    out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(index)
+    app.command()(search)

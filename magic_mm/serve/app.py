@@ -1,0 +1,398 @@
+"""The HTTP API (FastAPI): OpenAI-compatible embeddings, rerank, search, health, and the web page.
+
+Every failure a client can cause is answered with a 4xx and OpenAI's error JSON
+(``{"error": {"message", "type", "param", "code"}}``); anything else becomes a plain
+500 JSON without a traceback.  The model runs only in the micro-batcher's thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import json
+import logging
+import threading
+from contextlib import asynccontextmanager
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from magic_mm.errors import UserError
+from magic_mm.index.files import page_image
+from magic_mm.index.search import RerankerUnavailableError, load_reranker, reranker_scores, retrieve
+from magic_mm.index.store import Hit, PageStore
+from magic_mm.model.embedder import MagicEmbedder
+from magic_mm.model.inputs import MMInput, PreparedInput
+from magic_mm.serve.batcher import MicroBatcher, ServerBusyError, finish
+from magic_mm.serve.limits import (
+    ApiError,
+    ServeSettings,
+    content_parts_input,
+    embedding_inputs,
+    image_from_url,
+    prepare_checked,
+)
+
+log = logging.getLogger("magic_mm.serve")
+THUMBNAIL_SIZE = 256
+ROLES = ("query", "candidate")
+
+
+class Service:
+    """Everything the endpoints share: the model, its batcher, the index, the settings."""
+
+    def __init__(self, embedder: MagicEmbedder, model: str, store: PageStore | None, settings: ServeSettings) -> None:
+        self.embedder, self.model, self.store, self.settings = embedder, model, store, settings
+        self.batcher = MicroBatcher(self._embed_raw, settings.batch)
+        self._reranker: Any = None
+        self._reranker_error: str | None = None
+        self._reranker_lock = threading.RLock()  # the reranker is not the batcher's model; one call at a time
+
+    def _embed_raw(self, items: list[PreparedInput], role: str, instruction: str | None) -> np.ndarray:
+        return self.embedder.encode(items, role=role, instruction=instruction, normalize=False,
+                                    batch_size=self.settings.batch.max_batch)
+
+    def reranker(self) -> Any:
+        """The reranker, loaded once; ``RerankerUnavailableError`` if this magic-mm has none."""
+        with self._reranker_lock:
+            if self._reranker is None and self._reranker_error is None:
+                try:
+                    self._reranker = load_reranker(self.model)
+                except RerankerUnavailableError as exc:
+                    self._reranker_error = str(exc)
+            if self._reranker is None:
+                raise RerankerUnavailableError(self._reranker_error or "reranker not available")
+            return self._reranker
+
+    def rerank_scores(self, query: MMInput, candidates: list[MMInput]) -> list[float]:
+        reranker = self.reranker()
+        with self._reranker_lock:
+            return reranker_scores(reranker, query, candidates)
+
+    def search(self, vector: np.ndarray, k: int, query: PreparedInput, rerank: bool, exact: bool) -> list[Hit]:
+        """Index search (blocking; run in a worker thread), reranked under the reranker's lock."""
+        assert self.store is not None
+        if not rerank:
+            return retrieve(self.store, vector, k, exact=exact)
+        reranker = self.reranker()
+        with self._reranker_lock:
+            return retrieve(self.store, vector, k, MMInput(text=query.text, image=query.image, name="query"),
+                            reranker, self.settings.rerank_top, exact)
+
+    def tokens(self, items: list[PreparedInput]) -> int:
+        """Usage: text tokens plus visual tokens (after compression) of every input."""
+        backbone = self.embedder.backbone
+        total = 0
+        for item in items:
+            if item.text:
+                total += len(backbone.tokenizer(item.text, add_special_tokens=False)["input_ids"])
+            if item.image is not None:
+                total += backbone.visual_tokens(*item.image.size)
+        return total
+
+
+def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = None,
+               settings: ServeSettings | None = None) -> FastAPI:
+    settings = settings or ServeSettings()
+    service = Service(embedder, model, store, settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        service.batcher.start()
+        yield
+        service.batcher.stop()
+
+    app = FastAPI(title="magic-mm", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.service = service
+    install_error_handlers(app)
+    app.add_middleware(Guard, settings=settings)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok", "model": model, "dim": embedder.embedding_dim, "compression": str(embedder.compression),
+            "index": None if store is None else {"db": str(store.db_path), "rows": store.count()},
+            "auth": settings.api_key is not None,
+            "batching": {"max_batch": settings.batch.max_batch, "max_wait_ms": settings.batch.max_wait_ms,
+                         "max_queue": settings.batch.max_queue},
+        }
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return (files("magic_mm.serve") / "static" / "index.html").read_text(encoding="utf-8")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        body = await json_body(request)
+        check_model(body, service)
+        dim = optional_int(body, "dimensions", 1, embedder.embedding_dim)
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise ApiError(400, f"encoding_format: {encoding!r} is not supported; use \"float\" or \"base64\"",
+                           "encoding_format")
+        role = body.get("role", "query")
+        if role not in ROLES:
+            raise ApiError(400, f"role: {role!r}; use \"query\" or \"candidate\"", "role")
+        instruction = body.get("instruction")
+        if instruction is not None and not isinstance(instruction, str):
+            raise ApiError(400, "instruction: expected a string", "instruction")
+        if "input" not in body:
+            raise ApiError(400, "input: missing; send a string, a list of strings or a list of content-part lists",
+                           "input")
+        items = embedding_inputs(body["input"], settings)
+        vectors = finish(await service.batcher.embed(items, role, instruction), dim)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": encode_vector(v, encoding)} for i, v in enumerate(vectors)]
+        tokens = service.tokens(items)
+        return {"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.post("/v1/rerank")
+    async def rerank(request: Request) -> dict[str, Any]:
+        body = await json_body(request)
+        check_model(body, service)
+        query = rerank_item(body.get("query"), "query", settings)
+        documents = body.get("documents")
+        if not isinstance(documents, list) or not documents:
+            raise ApiError(400, "documents: expected a non-empty list of strings or {\"text\"|\"image\"} objects",
+                           "documents")
+        if len(documents) > settings.max_inputs:
+            raise ApiError(413, f"documents: {len(documents)} is more than the limit of {settings.max_inputs}",
+                           "documents", "too_many_inputs")
+        docs = [rerank_item(d, f"documents[{i}]", settings) for i, d in enumerate(documents)]
+        top_n = optional_int(body, "top_n", 1, len(docs)) or len(docs)
+        return_documents = body.get("return_documents", True)
+        try:
+            scores = await run_in_threadpool(service.rerank_scores, query, docs)
+            scorer = "reranker"
+        except RerankerUnavailableError:
+            # No trained reranker in this magic-mm yet: score with the embedder (cosine), and say so.
+            q = finish(await service.batcher.embed([query], "query"))[0]
+            c = finish(await service.batcher.embed(docs, "candidate"))
+            scores = [float(s) for s in c @ q]
+            scorer = "embedding-cosine"
+        order = sorted(range(len(docs)), key=lambda i: -scores[i])[:top_n]
+        results = []
+        for i in order:
+            entry: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+            if return_documents:
+                entry["document"] = {"text": docs[i].text} if docs[i].text else None
+            results.append(entry)
+        tokens = service.tokens([query, *docs])
+        return {"model": model, "scorer": scorer, "results": results,
+                "usage": {"total_tokens": tokens, "prompt_tokens": tokens}}
+
+    @app.post("/v1/search")
+    async def search(request: Request) -> dict[str, Any]:
+        body = await json_body(request)
+        if store is None:
+            raise ApiError(400, "this server has no index; start it with --db PATH to use /v1/search", None,
+                           "no_index")
+        text = body.get("query")
+        if text is not None and not isinstance(text, str):
+            raise ApiError(400, "query: expected a string", "query")
+        image = body.get("image")
+        picture = image_from_url(image, "image", settings) if image else None
+        if not (text and text.strip()) and picture is None:
+            raise ApiError(400, "empty search: send a \"query\" text, an \"image\" (data: URL), or both", "query")
+        query = prepare_checked(MMInput(text=text if text and text.strip() else None, image=picture, name="query"))
+        k = optional_int(body, "k", 1, settings.max_k) or 10
+        rerank, exact = bool_field(body, "rerank"), bool_field(body, "exact")
+        if rerank:
+            try:  # refuse before embedding anything
+                await run_in_threadpool(service.reranker)
+            except RerankerUnavailableError as exc:
+                raise ApiError(400, str(exc), "rerank", "rerank_unavailable") from None
+        vector = finish(await service.batcher.embed([query], "query"))[0]
+        hits = await run_in_threadpool(service.search, vector, k, query, rerank, exact)
+        results = [hit.to_dict() for hit in hits]
+        if bool_field(body, "thumbnails"):
+            thumbs = await run_in_threadpool(lambda: [thumbnail(h) for h in hits])
+            for result, thumb in zip(results, thumbs):
+                result["thumbnail"] = thumb
+        return {"object": "search.results", "model": model, "reranked": rerank, "results": results}
+
+    return app
+
+
+# -- request helpers ----------------------------------------------------------------
+
+async def json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc})", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+    return body
+
+
+def check_model(body: dict[str, Any], service: Service) -> None:
+    name = body.get("model")
+    served = {service.model, service.embedder.config.name, "magic-mm"}
+    if name is not None and name not in served:
+        raise ApiError(400, f"model: {name!r} is not served here; this server serves {service.model!r}", "model",
+                       "model_not_found")
+
+
+def optional_int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(400, f"{name}: {value!r} is out of range; use an integer from {low} to {high}", name)
+    return value
+
+
+def bool_field(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{name}: expected true or false", name)
+    return value
+
+
+def rerank_item(value: Any, param: str, settings: ServeSettings) -> PreparedInput:
+    """A query or document: a string, ``{"text": …}``, ``{"image": url}`` or both, or content parts."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ApiError(400, f"{param}: the text is empty", param)
+        return prepare_checked(MMInput(text=value, name=param))
+    if isinstance(value, list):
+        return prepare_checked(content_parts_input(value, param, settings))
+    if isinstance(value, dict) and ("text" in value or "image" in value):
+        text = value.get("text")
+        if text is not None and not isinstance(text, str):
+            raise ApiError(400, f"{param}.text: expected a string", param)
+        image = image_from_url(value["image"], f"{param}.image", settings) if value.get("image") else None
+        if image is None and not (text and text.strip()):
+            raise ApiError(400, f"{param}: has neither a text nor an image", param)
+        return prepare_checked(MMInput(text=text if text and text.strip() else None, image=image, name=param))
+    raise ApiError(400, f"{param}: expected a string or an object with \"text\" and/or \"image\"", param)
+
+
+def encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":  # OpenAI's format: little-endian float32 bytes
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.astype(np.float32).tolist()
+
+
+def thumbnail(hit: Hit) -> str | None:
+    try:
+        image = page_image(Path(hit.path), hit.kind, hit.page)
+    except (UserError, OSError):
+        return None  # the file changed or went away since it was indexed
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# -- errors, auth and size limits ------------------------------------------------------
+
+def error_response(error: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(UserError)
+    async def user_error(_: Request, exc: UserError) -> JSONResponse:
+        return error_response(ApiError(400, str(exc)))
+
+    @app.exception_handler(ServerBusyError)
+    async def busy(_: Request, exc: ServerBusyError) -> JSONResponse:
+        return error_response(ApiError(503, str(exc), None, "server_busy"))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(ApiError(400, f"{where}: {first.get('msg', 'invalid request')}", where))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"{request.url.path}: no such endpoint; see GET / and the README",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return error_response(ApiError(exc.status_code, message, None, "not_found" if exc.status_code == 404
+                                       else "invalid_request"))
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return error_response(ApiError(500, "internal server error", None, "internal_error"))
+
+
+class Guard:
+    """ASGI middleware: the bearer-token check on /v1/* and the request-body size cap."""
+
+    def __init__(self, app: Any, settings: ServeSettings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        key = self.settings.api_key
+        if key and scope["path"].startswith("/v1/"):
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+                problem = "no API key" if not given else "a wrong API key"
+                return await self._reply(send, ApiError(
+                    401, f"{problem}: send the header 'Authorization: Bearer <key>' with this server's API key",
+                    None, "invalid_api_key"))
+        limit = self.settings.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return await self._reply(send, ApiError(400, "Content-Length header is not a number"))
+            if int(declared) > limit:
+                return await self._reply(send, body_too_large(int(declared), limit))
+        chunks, size = [], 0
+        while True:  # read the body here, so a chunked upload cannot exceed the cap either
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await self._reply(send, body_too_large(size, limit))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _reply(send: Any, error: ApiError) -> None:
+        response = error_response(error)
+        await send({"type": "http.response.start", "status": response.status_code,
+                    "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+def body_too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the request body ({size:,}+ bytes) is larger than the limit of {limit:,} bytes; send "
+                         "smaller images or fewer inputs", None, "body_too_large")

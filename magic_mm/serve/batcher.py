@@ -1,0 +1,158 @@
+"""Micro-batching: requests that wait at the same time are embedded in one forward pass.
+
+Requests put a job on a bounded queue (full queue → ``ServerBusyError``, answered 503).
+One worker thread owns the model: it takes the first waiting job, then keeps taking
+jobs until it has ``max_batch`` inputs or ``max_wait_ms`` has passed, and runs them
+together (grouped by prompt role and instruction).  The model returns raw vectors;
+each request truncates (``dimensions``) and normalises its own rows, so an answer does
+not depend on which other requests shared its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from magic_mm.model.inputs import PreparedInput
+
+EmbedFn = Callable[[list[PreparedInput], str, "str | None"], np.ndarray]
+
+
+@dataclass
+class BatchSettings:
+    max_batch: int = 32  # inputs per forward pass
+    max_wait_ms: float = 10.0  # how long the first waiting request waits for company
+    max_queue: int = 256  # waiting requests; beyond this, new ones are refused (503)
+    timeout_s: float = 120.0  # a request gives up waiting for its vectors after this
+
+
+class ServerBusyError(Exception):
+    """The queue is full, or a request waited longer than ``timeout_s``."""
+
+
+@dataclass
+class _Job:
+    items: list[PreparedInput]
+    role: str
+    instruction: str | None
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    inputs: int = 0
+    requests: int = 0
+    sizes: list[int] = field(default_factory=list)
+
+
+class MicroBatcher:
+    def __init__(self, embed: EmbedFn, settings: BatchSettings | None = None) -> None:
+        self.embed_fn = embed
+        self.settings = settings or BatchSettings()
+        self.stats = BatchStats()
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=self.settings.max_queue)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="magic-mm-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    async def embed(self, items: list[PreparedInput], role: str, instruction: str | None = None) -> np.ndarray:
+        """Raw (un-normalised, full-dimension) vectors for ``items``, computed with whatever else is waiting."""
+        loop = asyncio.get_running_loop()
+        job = _Job(items, role, instruction, loop.create_future(), loop)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise ServerBusyError(
+                f"the server is busy ({self.settings.max_queue} requests waiting); retry shortly") from None
+        try:
+            return await asyncio.wait_for(job.future, self.settings.timeout_s)
+        except asyncio.TimeoutError:
+            raise ServerBusyError(f"no answer within {self.settings.timeout_s:.0f} s; the server is overloaded") from None
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs, count = [first], len(first.items)
+            deadline = time.monotonic() + self.settings.max_wait_ms / 1000
+            stopping = False
+            while count < self.settings.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    job = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                jobs.append(job)
+                count += len(job.items)
+            self._process(jobs)
+            if stopping:
+                return
+
+    def _process(self, jobs: list[_Job]) -> None:
+        groups: dict[tuple[str, str | None], list[_Job]] = defaultdict(list)
+        for job in jobs:
+            groups[(job.role, job.instruction)].append(job)
+        for (role, instruction), members in groups.items():
+            items = [item for job in members for item in job.items]
+            try:
+                vectors = self.embed_fn(items, role, instruction)
+            except Exception as exc:  # handed to the waiting requests, which answer with an error
+                for job in members:
+                    _resolve(job, exc)
+                continue
+            self.stats.batches += 1
+            self.stats.inputs += len(items)
+            self.stats.requests += len(members)
+            self.stats.sizes.append(len(items))
+            start = 0
+            for job in members:
+                _resolve(job, vectors[start : start + len(job.items)])
+                start += len(job.items)
+
+
+def _resolve(job: _Job, value: np.ndarray | BaseException) -> None:
+    def settle() -> None:
+        if job.future.done():  # the request already gave up
+            return
+        if isinstance(value, BaseException):
+            job.future.set_exception(value)
+        else:
+            job.future.set_result(value)
+
+    try:
+        job.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the event loop has closed: nobody is waiting any more
+        pass
+
+
+def finish(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
+    """Matryoshka truncation to ``dim``, then L2 normalisation (as ``MagicEmbedder.encode`` does)."""
+    out = np.asarray(vectors, dtype=np.float32)
+    if dim is not None:
+        out = out[:, :dim]
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.maximum(norms, 1e-12)
