@@ -25,7 +25,8 @@ def model(request):
 
 
 def marker_tokens(backbone, rows: int, cols: int) -> int:
-    return sum(len(backbone.tokenizer(m, add_special_tokens=False)["input_ids"]) for m in backbone.tile_markers(rows, cols))
+    markers = backbone.tile_markers(rows, cols)
+    return sum(len(backbone.tokenizer(m, add_special_tokens=False)["input_ids"]) for m in markers)
 
 
 def test_embeddings_with_s1_and_s2():

@@ -257,13 +257,17 @@ class MagicEmbedder(torch.nn.Module):
             image_tokens = dict(zip(with_images, encoded))
         sequences, spans = [], []
         for i, p in enumerate(batch):
-            sequence, image_start = self._sequence(p, image_tokens.get(i), role, instruction)
+            sequence, image_start = self._assemble(p, image_tokens.get(i), role, instruction)
             sequences.append(sequence)
             if image_start is not None:
                 spans.append(ImageSpan(i, image_start, len(image_tokens[i]), with_images.index(i)))
         return self._last_token_states(sequences, spans)
 
-    def _sequence(
+    def _sequence(self, item: PreparedInput, image: torch.Tensor | None, role: Role, instruction: str) -> torch.Tensor:
+        """The LM input embeddings of one prompt."""
+        return self._assemble(item, image, role, instruction)[0]
+
+    def _assemble(
         self, item: PreparedInput, image: torch.Tensor | None, role: Role, instruction: str
     ) -> tuple[torch.Tensor, int | None]:
         """The prompt's embeddings, and the position where the image tokens start (if any)."""

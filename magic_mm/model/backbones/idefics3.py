@@ -142,12 +142,9 @@ class Idefics3Backbone(Backbone):
         return (height // self.scale) * (width // self.scale)
 
     # -- the pipeline ---------------------------------------------------------------
-    def _preprocess(self, image: Image.Image) -> tuple[torch.Tensor, int, int]:
-        out = self.processor(images=[[image]], return_tensors="pt", return_row_col_info=True)
-        return out["pixel_values"][0], int(out["rows"][0][0]), int(out["cols"][0][0])
-
     def image_tiles(self, image: Image.Image) -> torch.Tensor:
-        return self._preprocess(image)[0]
+        """``(T, 3, tile, tile)``: rows × cols split tiles in row-major order, then the global tile."""
+        return self.processor(images=[[image]], return_tensors="pt")["pixel_values"][0]
 
     def vision_grid(self, pixels: torch.Tensor) -> torch.Tensor:
         states = self.model.model.vision_model(pixel_values=pixels, return_dict=True).last_hidden_state
@@ -171,20 +168,23 @@ class Idefics3Backbone(Backbone):
 
     def encode_images(self, images: list[Image.Image]) -> list[torch.Tensor]:
         """Visual tokens of every tile, interleaved with the tile-marker text embeddings."""
-        prepared = [self._preprocess(img) for img in images]
-        pixels = torch.cat([p for p, _, _ in prepared]).to(self.device, self.dtype)
-        grid = self.vision_grid(pixels)
+        if not all(isinstance(img, Image.Image) for img in images):
+            raise TypeError("idefics3 lays out its tile markers from each image's size; pass images")
+        markers = [self.tile_markers(*self.tile_layout(*img.size)) for img in images]
+        tiles = [self.image_tiles(img) for img in images]
+        if any(len(t) != len(m) - 1 for t, m in zip(tiles, markers)):
+            raise RuntimeError("the image processor cut a different number of tiles than its layout says")
+        grid = self.vision_grid(torch.cat(tiles).to(self.device, self.dtype))
         grid = self.compression(grid, target=self.token_grid(grid.shape[1], grid.shape[2]))
         tokens = self.connect(grid)
         out, start = [], 0
-        for tiles, rows, cols in prepared:
-            markers = self.tile_markers(rows, cols)
+        for image_markers in markers:
             pieces = []
-            for i in range(len(tiles)):
-                pieces += [self._embed_text(markers[i]), tokens[start + i]]
-            pieces.append(self._embed_text(markers[-1]))
+            for i, marker in enumerate(image_markers[:-1]):
+                pieces += [self._embed_text(marker), tokens[start + i]]
+            pieces.append(self._embed_text(image_markers[-1]))
             out.append(torch.cat(pieces))
-            start += len(tiles)
+            start += len(image_markers) - 1
         return out
 
     def _embed_text(self, text: str) -> torch.Tensor:

@@ -202,35 +202,33 @@ class QwenVLBackbone(Backbone):
         x = x[:, :, :, :, :, None].expand(-1, -1, -1, -1, -1, t, -1, -1)  # a still image fills T frames
         return x.reshape(gh * gw, -1)
 
-    def _to_raster(self, states: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    def _to_raster(self, states: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``(T, h·w, C)`` in merge-block order → ``(T, h, w, C)`` row-major grids."""
         m = self.merge
-        return states.reshape(gh // m, gw // m, m, m, -1).permute(0, 2, 1, 3, 4).reshape(gh, gw, -1)
+        t = states.shape[0]
+        return states.reshape(t, h // m, w // m, m, m, -1).permute(0, 1, 3, 2, 4, 5).reshape(t, h, w, -1)
 
     def _to_blocks(self, grid: torch.Tensor) -> torch.Tensor:
-        """``(L, h, w, C)`` row-major grids → ``(L, h·w, C)`` in merge-block order."""
-        levels, h, w, c = grid.shape
+        """``(T, h, w, C)`` row-major grids → ``(T, h·w, C)`` in merge-block order."""
+        t, h, w, c = grid.shape
         m = self.merge
-        return grid.reshape(levels, h // m, m, w // m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(levels, h * w, c)
+        return grid.reshape(t, h // m, m, w // m, m, c).permute(0, 1, 3, 2, 4, 5).reshape(t, h * w, c)
 
-    def _vision_levels(self, tiles: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each image's ``(1 + k, h, w, C)`` grids: the final states, then k DeepStack levels."""
-        p = self.patch_size
-        sizes = [(t.shape[-2] // p, t.shape[-1] // p) for t in tiles]
-        patches = torch.cat([self._patchify(t[0]) for t in tiles]).to(self.device, self.dtype)
-        thw = torch.tensor([[1, h, w] for h, w in sizes], device=self.device)
+    def vision_grid(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(T, 3, H, W)`` → ``(T, h, w, (1 + k)·C)``: Qwen3-VL's k DeepStack levels ride along as
+        extra channels, so compression (channel-wise) treats every level alike."""
+        tiles, _, height, width = pixels.shape
+        h, w = height // self.patch_size, width // self.patch_size
+        patches = torch.cat([self._patchify(tile) for tile in pixels])
+        thw = torch.tensor([[1, h, w]] * tiles, device=pixels.device)
         out = self.visual(patches, grid_thw=thw, output_hidden_states=self.kind.deepstack, return_dict=True)
         levels = [out.last_hidden_state]
         if self.kind.deepstack:  # hidden_states[0] is the patch embedding; block i is at i + 1
             levels += [out.hidden_states[i + 1] for i in self.visual.deepstack_visual_indexes]
         if self.kind.windows:
-            levels = [self._unwindow(s, thw) for s in levels]
-        stacked = torch.stack(levels)  # (1 + k, total patches, C), processor order
-        grids, start = [], 0
-        for h, w in sizes:
-            part = stacked[:, start : start + h * w]
-            grids.append(torch.stack([self._to_raster(level, h, w) for level in part]))
-            start += h * w
-        return grids
+            levels = [self._unwindow(level, thw) for level in levels]
+        states = torch.cat(levels, dim=-1)  # processor (merge-block) order
+        return self._to_raster(states.reshape(tiles, h * w, -1), h, w)
 
     def _unwindow(self, states: torch.Tensor, thw: torch.Tensor) -> torch.Tensor:
         """Qwen2.5-VL: window order → processor order, per 2×2 merge unit."""
@@ -243,26 +241,33 @@ class QwenVLBackbone(Backbone):
         units = states.reshape(-1, unit, states.shape[-1])
         return units[torch.argsort(window_index.to(states.device))].reshape(states.shape)
 
-    def vision_grid(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.cat([grids[:1] for grids in self._vision_levels(list(pixels[:, None]))])
-
-    def connect(self, grid: torch.Tensor) -> torch.Tensor:
-        """``(1 + k, h, w, C)`` compressed grids → ``(1 + k, h·w/4, D)``: merger, then DeepStack mergers."""
-        blocks = self._to_blocks(grid)
+    def _merge(self, grid: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Compressed ``(T, h, w, (1 + k)·C)`` → merger tokens ``(T, h·w/4, D)``, and k such DeepStack tensors."""
         mergers = [self.visual.merger]
         if self.kind.deepstack:
             mergers += list(self.visual.deepstack_merger_list)
-        return torch.stack([merger(level) for merger, level in zip(mergers, blocks)])
+        levels = grid.chunk(len(mergers), dim=-1)
+        tiles = grid.shape[0]
+        merged = []
+        for merger, level in zip(mergers, levels):
+            rows = self._to_blocks(level).reshape(-1, level.shape[-1]).contiguous()  # the merger views 4 rows as one
+            merged.append(merger(rows).reshape(tiles, -1, self.hidden_size))
+        return merged[0], merged[1:]
+
+    def connect(self, grid: torch.Tensor) -> torch.Tensor:
+        return self._merge(grid)[0]
 
     def encode_images(self, images: list[Image.Image]) -> list[torch.Tensor]:
-        """Visual tokens per image; their grids (and DeepStack features) stay for ``decoder_kwargs``."""
-        tiles = [self.image_tiles(img) for img in images]
+        """Visual tokens per image (one vision call each: sizes differ); each image's compressed
+        grid and DeepStack features are kept for ``decoder_kwargs``."""
         tokens, self._latest = [], []
-        for grids in self._vision_levels(tiles):
-            compressed = self.compression(grids, target=self.token_grid(grids.shape[1], grids.shape[2]))
-            merged = self.connect(compressed)
-            tokens.append(merged[0])
-            self._latest.append(_EncodedImage(tuple(compressed.shape[1:3]), list(merged[1:])))
+        for image in images:
+            grid = self.vision_grid(self.image_tiles(image).to(self.device, self.dtype))
+            grid = self.compression(grid, target=self.token_grid(grid.shape[1], grid.shape[2]))
+            main, deepstack = self._merge(grid)
+            tokens.append(main.reshape(-1, main.shape[-1]))
+            self._latest.append(_EncodedImage((grid.shape[1], grid.shape[2]),
+                                              [d.reshape(-1, d.shape[-1]) for d in deepstack]))
         return tokens
 
     def decoder_kwargs(self, spans: list[ImageSpan], attention_mask: torch.Tensor) -> dict[str, Any]:
@@ -311,7 +316,8 @@ class QwenVLBackbone(Backbone):
         size = self.processor.size
         merger_params = sum(count_parameters(m) for m in self.trainable_modules().values())
         return {
-            "vision": {"name": f"{self.variant} vision tower", "parameters": count_parameters(self.visual) - merger_params,
+            "vision": {"name": f"{self.variant} vision tower",
+                       "parameters": count_parameters(self.visual) - merger_params,
                        "patch_size": self.patch_size, "min_pixels": size["shortest_edge"],
                        "max_pixels": size["longest_edge"]},
             "connector": {"name": "2×2 patch merger" + (" + deepstack" if self.kind.deepstack else ""),
