@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import threading
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
@@ -49,8 +50,10 @@ ROLES = ("query", "candidate")
 class Service:
     """Everything the endpoints share: the model, its batcher, the index, the settings."""
 
-    def __init__(self, embedder: MagicEmbedder, model: str, store: PageStore | None, settings: ServeSettings) -> None:
+    def __init__(self, embedder: MagicEmbedder, model: str, store: PageStore | None, settings: ServeSettings,
+                 reranker_loader: Callable[[str], Any] = load_reranker) -> None:
         self.embedder, self.model, self.store, self.settings = embedder, model, store, settings
+        self.reranker_loader = reranker_loader
         self.batcher = MicroBatcher(self._embed_raw, settings.batch)
         self._reranker: Any = None
         self._reranker_error: str | None = None
@@ -65,7 +68,7 @@ class Service:
         with self._reranker_lock:
             if self._reranker is None and self._reranker_error is None:
                 try:
-                    self._reranker = load_reranker(self.model)
+                    self._reranker = self.reranker_loader(self.model)
                 except RerankerUnavailableError as exc:
                     self._reranker_error = str(exc)
             if self._reranker is None:
@@ -100,9 +103,11 @@ class Service:
 
 
 def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = None,
-               settings: ServeSettings | None = None) -> FastAPI:
+               settings: ServeSettings | None = None,
+               reranker_loader: Callable[[str], Any] = load_reranker) -> FastAPI:
+    """The app; ``reranker_loader`` exists so tests can stand in for ``MagicReranker``."""
     settings = settings or ServeSettings()
-    service = Service(embedder, model, store, settings)
+    service = Service(embedder, model, store, settings, reranker_loader)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
