@@ -150,7 +150,7 @@ class LookupModel:
         self.table = table
         self.embedded: list[str] = []
 
-    def encode(self, inputs, instruction, role, batch_size, show_progress):
+    def encode(self, inputs, instruction, role, batch_size):
         self.embedded += [i.text for i in inputs]
         v = np.array([self.table[i.text] for i in inputs], dtype=np.float32)
         return v / np.linalg.norm(v, axis=1, keepdims=True)

@@ -31,6 +31,8 @@ from magic_mm.model.cache import cache_dir
 from magic_mm.model.compression import Compression
 from magic_mm.model.config import CONFIG_FILE, DEFAULT_MODEL_FOLDER, DEFAULT_MODEL_NAME, WEIGHTS_FILE
 
+CHUNK = 128  # items embedded (and stored) per step
+
 
 def model_fingerprint(model: str) -> str:
     """A short hash that changes whenever the model's files (or magic-mm's version) change."""
@@ -123,14 +125,20 @@ class CachedEncoder:
         for pos, key in enumerate(keys):
             if key not in self.cache.vectors:
                 missing.setdefault(self.instruction(items[pos], role), []).append(pos)
-        for instruction, positions in missing.items():
-            from magic_mm.model.inputs import MMInput
+        from magic_mm.model.inputs import MMInput
+        from magic_mm.progress import progress
 
-            inputs = [MMInput(text=items[p].text, image=items[p].image) for p in positions]
-            vectors = self.model.encode(inputs, instruction=instruction, role=role,
-                                        batch_size=self.batch_size, show_progress=self.show_progress)
-            self.cache.add([keys[p] for p in positions], vectors)
-            self.computed += len(positions)
+        total = sum(map(len, missing.values()))
+        with progress(total, self.show_progress and total > 0, f"embedding {role}s") as advance:
+            for instruction, positions in missing.items():
+                # Stored chunk by chunk, so an interrupted run keeps what it computed.
+                for start in range(0, len(positions), CHUNK):
+                    chunk = positions[start : start + CHUNK]
+                    inputs = [MMInput(text=items[p].text, image=items[p].image) for p in chunk]
+                    vectors = self.model.encode(inputs, instruction=instruction, role=role, batch_size=self.batch_size)
+                    self.cache.add([keys[p] for p in chunk], vectors)
+                    self.computed += len(chunk)
+                    advance(len(chunk))
         if not items:
             return np.zeros((0, 0), dtype=np.float32)
         return np.stack([self.cache.vectors[k] for k in keys]).astype(np.float32)

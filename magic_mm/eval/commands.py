@@ -113,6 +113,88 @@ def convert_labels(
     _report(_write_converted(label_task(csv_path, image_root), out_path), as_json)
 
 
+
+
+def bench_command(
+    model: ModelOpt = "magic-mm-tiny",
+    compression: Annotated[str, typer.Option(help="Comma-separated variants; ratios are against 'none'.")] = "none,bilinear:2,bilinear:4,avgpool:2",
+    reps: Annotated[int, typer.Option(min=1, help="Interleaved repetitions per variant.")] = 5,
+    items: Annotated[int, typer.Option(min=1, help="Queries and candidates timed per repetition (batch 1).")] = 4,
+    batch: Annotated[int, typer.Option(min=0, help="Batch size for the throughput run (0: skip).")] = 8,
+    archs: Annotated[str, typer.Option(help="Random-init architectures to time too: internvl3-1b, internvl3-2b, clip-vit-b32.")] = "",
+    arch_compression: Annotated[str, typer.Option(help="Variants for the InternVL architectures.")] = "none,bilinear:2",
+    arch_reps: Annotated[int, typer.Option(min=1, help="Repetitions for the random architectures.")] = 3,
+    arch_items: Annotated[int, typer.Option(min=1, help="Inputs timed per repetition for the random architectures.")] = 1,
+    arch_batch: Annotated[int, typer.Option(min=0, help="Throughput batch for the random architectures (0: skip).")] = 0,
+    tasks: Annotated[Path | None, typer.Option("--tasks", help="Tasks YAML: add each variant's quality score.")] = None,
+    data: Annotated[Path, typer.Option(help="Image–caption folder the timed inputs come from.")] = Path("../shared/data/flickr8k-1k"),
+    memory: Annotated[bool, typer.Option(help="Measure peak memory (one fresh process per variant).")] = True,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")] = None,
+    save: Annotated[Path | None, typer.Option("--save", help="Also write the JSON result to this file.")] = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Time compression variants (and random-init architectures): tokens, latency, throughput, memory."""
+    from magic_mm.eval.bench import BenchSettings, run_bench
+
+    def split(text: str) -> list[str]:
+        return [p.strip() for p in text.split(",") if p.strip()]
+
+    settings = BenchSettings(model=model, compressions=split(compression), reps=reps, items=items, batch=batch,
+                             archs=split(archs), arch_compressions=split(arch_compression), arch_reps=arch_reps, arch_items=arch_items,
+                             arch_batch=arch_batch, data=data, memory=memory, threads=threads)
+    if not settings.compressions and not settings.archs:
+        raise UserError("--compression: give at least one variant, e.g. none,bilinear:2 (or only --archs)")
+    if plot is not None and not settings.compressions:
+        raise UserError("--plot needs the model's variants; give --compression")
+    result = run_bench(settings, tasks, show_progress=not (quiet or as_json))
+    if plot is not None:
+        from magic_mm.eval.plot import bench_plot
+
+        result["plot"] = str(bench_plot(result, plot))
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        save.write_text(json.dumps(result, indent=2))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    if result["model"] is not None:
+        out.print(bench_table(f"{model} (ratios vs {result['model']['baseline']})", result["model"]))
+    for arch, res in result["architectures"].items():
+        out.print(bench_table(f"{arch}, random init (ratios vs {res['baseline']})", res))
+    if plot is not None:
+        out.print(f"plot written to {plot}", highlight=False)
+
+
+def bench_table(title: str, res: dict[str, Any]) -> Table:
+    def ms(stats: dict[str, float] | None) -> str:
+        return "—" if not stats else f"{stats['median']:.1f} / {stats['p95']:.1f}"
+
+    def ratio(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2f}×"
+
+    rows = res["variants"]
+    quality = any("quality" in r for r in rows.values())
+    table = Table(title=title)
+    for col in ["variant", "visual tokens", "LM seq (query/cand)", "query ms p50/p95", "cand ms p50/p95",
+                f"cands/s @{res['batch']}", "peak RSS MiB", "tokens ×", "cand ms ×", "throughput ×", "memory ×"] + (
+            ["quality"] if quality else []):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for name, r in rows.items():
+        mem = r["memory"]["peak_mib"] if r.get("memory") else None
+        thr = r["throughput_per_s"]["median"] if r.get("throughput_per_s") else None
+        cells = [name, str(r["visual_tokens"]), f"{r['query_seq_len']} / {r['candidate_seq_len']}",
+                 ms(r["query_ms"]), ms(r["candidate_ms"]), "—" if thr is None else f"{thr:.2f}",
+                 "—" if mem is None else f"{mem:.0f}", ratio(r["ratios"]["visual_tokens"]),
+                 ratio(r["ratios"]["candidate_ms"]), ratio(r["ratios"]["throughput"]), ratio(r["ratios"]["peak_memory"])]
+        if quality:
+            cells.append(f"{100 * r['quality']['score']:.1f}" if "quality" in r else "—")
+        table.add_row(*cells)
+    return table
+
+
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
     app.add_typer(convert_app, name="convert")
+    app.command("bench")(bench_command)

@@ -73,7 +73,11 @@ def make_encoder(settings: EvalSettings) -> CachedEncoder:
     compression, instructions = model_settings(settings.model, settings.compression)
 
     def load() -> Any:
+        from transformers.utils import logging as hf_logging
+
         from magic_mm import MagicEmbedder
+
+        hf_logging.disable_progress_bar()
 
         return MagicEmbedder.from_pretrained(settings.model, compression=settings.compression)
 

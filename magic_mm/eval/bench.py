@@ -1,0 +1,428 @@
+"""The efficiency benchmark behind ``magic-mm bench``.
+
+What is measured, per compression variant of one model:
+
+* visual tokens per image and the LM sequence length of a query and a candidate;
+* latency at batch 1: a *query* is a caption (text, query prompt), a *candidate*
+  an image (candidate prompt) — the two sides of text→image retrieval;
+* throughput: candidates per second when ``batch`` images go in one call;
+* peak memory: the peak RSS of a fresh process that loads the model and runs one
+  throughput batch (on CPU; ``torch.cuda.max_memory_allocated`` on a GPU).
+
+Fairness: all variants of one model are timed in *one* process, sharing the
+weights (only the parameter-free compression is swapped), with the repetitions
+interleaved (rep 1 of every variant, then rep 2, …), so drift and other load on
+the machine hit all variants alike.  Memory needs a fresh process per variant
+(a process's peak RSS never goes down), so every measurement runs in a worker
+subprocess, one at a time: the parent stays small and big random models are
+never held twice.
+
+Random-initialisation architectures (speed needs no trained weights):
+``internvl3-1b`` / ``internvl3-2b`` (InternVL3-shaped InternViT-300M + Qwen2.5
+0.5B / 1.5B, through the same ``MagicEmbedder`` pipeline) and ``clip-vit-b32``
+(transformers' CLIPModel with ViT-B/32 shapes: the dual encoder a user would
+otherwise pick).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from magic_mm.errors import UserError
+
+ARCHS = ("internvl3-1b", "internvl3-2b", "clip-vit-b32")
+# Qwen2.5 text shapes of InternVL3-1B / -2B; the vision side (InternViT-300M, 448-px
+# tiles, patch 14) is transformers' InternVLVisionConfig default.
+INTERNVL3_TEXT = {
+    "internvl3-1b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2},
+    "internvl3-2b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                     "num_attention_heads": 12, "num_key_value_heads": 2},
+}
+QWEN25_VOCAB = 151674
+IMAGE_SIZE = 448  # natural images are given at 448×448: one InternVL tile, the default model's input size
+
+
+@dataclass
+class BenchSettings:
+    model: str = "magic-mm-tiny"
+    compressions: list[str] = field(default_factory=lambda: ["none", "bilinear:2", "bilinear:4", "avgpool:2"])
+    reps: int = 5  # interleaved repetitions
+    items: int = 4  # distinct queries / candidates timed per repetition
+    batch: int = 8  # throughput batch (0: skip)
+    archs: list[str] = field(default_factory=list)
+    arch_compressions: list[str] = field(default_factory=lambda: ["none", "bilinear:2"])
+    arch_reps: int = 3
+    arch_items: int = 1
+    arch_batch: int = 0  # random architectures are slow on CPU: no throughput batch by default
+    data: Path = Path("../shared/data/flickr8k-1k")
+    memory: bool = True
+    threads: int | None = None
+
+
+# -- the things being timed ------------------------------------------------------------
+class EmbedderSubject:
+    """A ``MagicEmbedder`` whose compression is swapped between variants (weights shared)."""
+
+    def __init__(self, embedder: Any) -> None:
+        self.embedder = embedder
+        self.models = {embedder.compression.channel_multiplier(): embedder}
+        self.variant = str(embedder.compression)
+
+    def set_variant(self, spec: str) -> None:
+        from magic_mm.model.compression import Compression
+
+        comp = Compression.parse(spec)
+        model = self.models.get(comp.channel_multiplier())
+        if model is None:
+            raise UserError(f"--compression {spec}: changes the connector's input width; bench it on its own")
+        model.backbone.compression = comp
+        model.config.compression = str(comp)
+        self.embedder, self.variant = model, str(comp)
+
+    def query(self, texts: list[Any]) -> None:
+        self.embedder.encode(texts, role="query", batch_size=len(texts))
+
+    def candidate(self, images: list[Any]) -> None:
+        self.embedder.encode(images, role="candidate", batch_size=len(images))
+
+    def shape(self, text: Any, image: Any) -> dict[str, int]:
+        return {"visual_tokens": int(self.embedder.backbone.visual_tokens(*image.image.size)),
+                "query_seq_len": self._lm_length(self.query, text),
+                "candidate_seq_len": self._lm_length(self.candidate, image)}
+
+    def _lm_length(self, run: Any, item: Any) -> int:
+        """The sequence length the LM actually receives for one input (read by a hook)."""
+        seen: list[int] = []
+
+        def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+            seen.append(int(kwargs["inputs_embeds"].shape[1]))
+
+        handle = self.embedder.backbone.decoder.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            run([item])
+        finally:
+            handle.remove()
+        return seen[0]
+
+
+class ClipSubject:
+    """A CLIP dual encoder: texts through the text tower, images through the vision tower."""
+
+    def __init__(self) -> None:
+        import torch
+        from transformers import CLIPConfig, CLIPModel
+
+        torch.manual_seed(0)
+        self.model = CLIPModel(CLIPConfig()).eval()  # the defaults are ViT-B/32's shapes
+        self.tokenizer = bpe_tokenizer()
+        self.variant = "none"
+        self.size = self.model.config.vision_config.image_size
+
+    def set_variant(self, spec: str) -> None:
+        if spec != "none":
+            raise UserError(f"clip-vit-b32 has no compression; got {spec}")
+
+    def _ids(self, texts: list[Any]) -> Any:
+        import torch
+
+        vocab = self.model.config.text_config.vocab_size
+        ids = [[t % vocab for t in self.tokenizer(p.text)["input_ids"][:77]] for p in texts]
+        longest = max(map(len, ids))
+        return (torch.tensor([i + [0] * (longest - len(i)) for i in ids]),
+                torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i in ids]))
+
+    def query(self, texts: list[Any]) -> None:
+        import torch
+
+        ids, mask = self._ids(texts)
+        with torch.inference_mode():
+            self.model.get_text_features(input_ids=ids, attention_mask=mask)
+
+    def _pixels(self, images: list[Any]) -> Any:
+        import torch
+        from PIL import Image
+
+        arrays = [np.asarray(p.image.resize((self.size, self.size), Image.BICUBIC), dtype=np.float32) / 255.0
+                  for p in images]
+        return (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) - 0.45) / 0.27
+
+    def candidate(self, images: list[Any]) -> None:
+        import torch
+
+        with torch.inference_mode():
+            self.model.get_image_features(pixel_values=self._pixels(images))
+
+    def shape(self, text: Any, image: Any) -> dict[str, int]:
+        patch = self.model.config.vision_config.patch_size
+        return {"visual_tokens": (self.size // patch) ** 2, "query_seq_len": int(self._ids([text])[0].shape[1]),
+                "candidate_seq_len": (self.size // patch) ** 2 + 1}  # + CLS, in the vision tower
+
+
+def bpe_tokenizer() -> Any:
+    """SmolLM2's BPE tokenizer, so random models see realistic token counts for text."""
+    from transformers import AutoTokenizer
+
+    from magic_mm.model.backbones.composed import load_smollm2, smollm2_gguf_path
+    from magic_mm.model.cache import cache_dir
+
+    folder = cache_dir() / f"smollm2-135m-instruct-{smollm2_gguf_path().stat().st_size}"
+    return AutoTokenizer.from_pretrained(folder) if folder.is_dir() else load_smollm2()[1]
+
+
+def random_internvl(arch: str, compression: str) -> Any:
+    """A ``MagicEmbedder`` over a randomly initialised InternVL3-1B/2B-shaped model."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from magic_mm import MagicEmbedder
+    from magic_mm.model.backbones.internvl import InternVLBackbone
+    from magic_mm.model.compression import Compression
+    from magic_mm.model.config import EmbedderConfig
+
+    text = {"model_type": "qwen2", "vocab_size": QWEN25_VOCAB, "max_position_embeddings": 32768,
+            "rope_theta": 1_000_000.0, "tie_word_embeddings": True, **INTERNVL3_TEXT[arch]}
+    config = InternVLConfig(text_config=text, image_token_id=QWEN25_VOCAB - 7)
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(config).eval()
+    spec = {"base": f"random:{arch}"}
+    # One 448-px tile per natural image (no thumbnail), as the paper's latency figures use.
+    backbone = InternVLBackbone(spec, Compression.parse(compression), model, bpe_tokenizer(),
+                                {"max_patches": 1, "crop_to_patches": False})
+    return MagicEmbedder(EmbedderConfig(family="internvl", backbone=spec, compression=compression, name=arch),
+                         backbone).eval()
+
+
+def build_subject(target: dict[str, Any], compression: str) -> Any:
+    if target["kind"] == "embedder":
+        from magic_mm import MagicEmbedder
+
+        return EmbedderSubject(MagicEmbedder.from_pretrained(target["model"], compression=compression))
+    if target["kind"] == "clip":
+        return ClipSubject()
+    return EmbedderSubject(random_internvl(target["arch"], compression))
+
+
+def bench_inputs(data: Path, count: int) -> tuple[list[Any], list[Any]]:
+    """``count`` (caption, 448×448 image) pairs from an image–caption folder, or synthetic ones."""
+    from PIL import Image
+
+    from magic_mm.model.inputs import PreparedInput
+
+    texts, images = [], []
+    if (data / "captions.csv").is_file():
+        from magic_mm.data.captions import read_captioned_images
+
+        items = read_captioned_images(data)[:count]
+        for n, item in enumerate(items):
+            img = Image.open(item.path).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+            texts.append(PreparedInput(item.captions[0], None, f"caption {n}"))
+            images.append(PreparedInput(None, img, item.image))
+    rng = np.random.default_rng(0)
+    while len(images) < count:  # no data folder: deterministic noise images
+        n = len(images)
+        pixels = rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        texts.append(PreparedInput("A dog runs across a grassy field with a ball.", None, f"caption {n}"))
+        images.append(PreparedInput(None, Image.fromarray(pixels), f"noise {n}"))
+    return texts, images
+
+
+# -- worker side -----------------------------------------------------------------------
+def _timed(fn: Any, *args: Any) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def time_job(job: dict[str, Any]) -> dict[str, Any]:
+    """All variants of one target in this process, repetitions interleaved."""
+    variants = job["variants"]
+    subject = build_subject(job["target"], variants[0])
+    texts, images = bench_inputs(Path(job["data"]), max(job["items"], job["batch"], 1))
+    raw: dict[str, dict[str, list[float]]] = {v: {"query_ms": [], "candidate_ms": [], "throughput": []}
+                                              for v in variants}
+    shapes = {}
+    for v in variants:  # warm-up, and the token counts
+        subject.set_variant(v)
+        subject.query(texts[:1])
+        subject.candidate(images[:1])
+        shapes[v] = subject.shape(texts[0], images[0])
+    for _ in range(job["reps"]):
+        for v in variants:
+            subject.set_variant(v)
+            for n in range(job["items"]):
+                raw[v]["query_ms"].append(_timed(subject.query, texts[n : n + 1]))
+                raw[v]["candidate_ms"].append(_timed(subject.candidate, images[n : n + 1]))
+            if job["batch"]:
+                ms = _timed(subject.candidate, images[: job["batch"]])
+                raw[v]["throughput"].append(job["batch"] / (ms / 1000.0))
+    return {v: {**shapes[v], **raw[v]} for v in variants}
+
+
+def memory_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of a fresh process that loads the target and runs one batch of candidates."""
+    import torch
+
+    variant = job["variants"][0]
+    subject = build_subject(job["target"], variant)
+    subject.set_variant(variant)
+    loaded = rss_mib()
+    texts, images = bench_inputs(Path(job["data"]), max(job["batch"], 1))
+    subject.query(texts[:1])
+    subject.candidate(images[: max(job["batch"], 1)])
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)  # KiB on Linux
+    return {"rss_loaded_mib": loaded, "peak_mib": peak, "batch": max(job["batch"], 1)}
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker_main(argv: list[str]) -> None:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    job = json.loads(argv[0])
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    try:
+        result = (time_job if job["job"] == "time" else memory_job)(job)
+    except UserError as exc:
+        print("BENCH-USERERROR " + str(exc))
+        sys.exit(2)
+    print("BENCH-RESULT " + json.dumps(result))
+
+
+# -- parent side -----------------------------------------------------------------------
+def run_worker(job: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "magic_mm.eval.bench", json.dumps(job)],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("BENCH-RESULT "):
+            return json.loads(line[len("BENCH-RESULT "):])
+        if line.startswith("BENCH-USERERROR "):
+            raise UserError(line[len("BENCH-USERERROR "):])
+    raise RuntimeError(f"bench worker for {job['target']} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def summarise(raw: dict[str, Any], memory: dict[str, Any] | None) -> dict[str, Any]:
+    def stats(values: list[float]) -> dict[str, float] | None:
+        if not values:
+            return None
+        return {"median": float(np.median(values)), "p95": float(np.percentile(values, 95)), "n": len(values)}
+
+    return {
+        "visual_tokens": raw["visual_tokens"], "query_seq_len": raw["query_seq_len"],
+        "candidate_seq_len": raw["candidate_seq_len"],
+        "query_ms": stats(raw["query_ms"]), "candidate_ms": stats(raw["candidate_ms"]),
+        "throughput_per_s": stats(raw["throughput"]), "memory": memory,
+    }
+
+
+def add_ratios(rows: dict[str, dict[str, Any]]) -> str:
+    """Each variant's ratios against ``none`` (or the first variant if ``none`` was not run)."""
+    base_name = "none" if "none" in rows else next(iter(rows))
+    base = rows[base_name]
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a is not None and b else None
+
+    def median(row: dict[str, Any], key: str) -> float | None:
+        return row[key]["median"] if row.get(key) else None
+
+    for row in rows.values():
+        row["ratios"] = {
+            "visual_tokens": ratio(row["visual_tokens"], base["visual_tokens"]),
+            "candidate_seq_len": ratio(row["candidate_seq_len"], base["candidate_seq_len"]),
+            "query_ms": ratio(median(row, "query_ms"), median(base, "query_ms")),
+            "candidate_ms": ratio(median(row, "candidate_ms"), median(base, "candidate_ms")),
+            "throughput": ratio(median(row, "throughput_per_s"), median(base, "throughput_per_s")),
+            "peak_memory": ratio((row["memory"] or {}).get("peak_mib"), (base["memory"] or {}).get("peak_mib")),
+        }
+    return base_name
+
+
+def bench_target(target: dict[str, Any], variants: list[str], reps: int, items: int, batch: int,
+                 settings: BenchSettings, advance: Any) -> dict[str, Any]:
+    job = {"target": target, "variants": variants, "reps": reps, "items": items, "batch": batch,
+           "data": str(settings.data), "threads": settings.threads}
+    timed = run_worker({**job, "job": "time"})
+    advance(1)
+    rows = {}
+    for v in variants:
+        memory = run_worker({**job, "job": "memory", "variants": [v]}) if settings.memory else None
+        advance(1)
+        rows[v] = summarise(timed[v], memory)
+    baseline = add_ratios(rows)
+    return {"target": target, "baseline": baseline, "reps": reps, "items_per_rep": items, "batch": batch,
+            "variants": rows}
+
+
+def run_bench(settings: BenchSettings, tasks: Path | None = None, show_progress: bool = False) -> dict[str, Any]:
+    from magic_mm.model.compression import Compression
+    from magic_mm.progress import progress
+
+    for spec in settings.compressions + settings.arch_compressions:
+        Compression.parse(spec)  # fail fast on a typo
+    unknown = [a for a in settings.archs if a not in ARCHS]
+    if unknown:
+        raise UserError(f"--archs {','.join(unknown)}: unknown; choose from {', '.join(ARCHS)}")
+    if settings.reps < 1 or settings.items < 1:
+        raise UserError("--reps and --items must be at least 1")
+    import torch
+
+    jobs = bool(settings.compressions) + len(settings.compressions) + sum(
+        1 + (1 if a == "clip-vit-b32" else len(settings.arch_compressions)) for a in settings.archs)
+    result: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch_threads": settings.threads or torch.get_num_threads(),
+                    "device": "cuda" if torch.cuda.is_available() else "cpu",
+                    # Other work on a shared machine slows every variant alike (interleaving), but say so.
+                    "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+    }
+    with progress(jobs, show_progress, "benchmark workers") as advance:
+        result["model"] = bench_target({"kind": "embedder", "model": settings.model}, settings.compressions,
+                                       settings.reps, settings.items, settings.batch, settings,
+                                       advance) if settings.compressions else None
+        result["architectures"] = {}
+        for arch in settings.archs:
+            target = {"kind": "clip"} if arch == "clip-vit-b32" else {"kind": "internvl-random", "arch": arch}
+            variants = ["none"] if arch == "clip-vit-b32" else settings.arch_compressions
+            result["architectures"][arch] = bench_target(target, variants, settings.arch_reps, settings.arch_items,
+                                                         settings.arch_batch, settings, advance)
+    if tasks is not None and result["model"] is not None:
+        add_quality(result, settings, tasks, show_progress)
+    return result
+
+
+def add_quality(result: dict[str, Any], settings: BenchSettings, tasks: Path, show_progress: bool) -> None:
+    """The eval harness's overall score for every compression variant of the model."""
+    from magic_mm.eval.harness import EvalSettings, evaluate
+    from magic_mm.eval.tasks import load_tasks
+
+    specs = load_tasks(tasks)
+    for variant, row in result["model"]["variants"].items():
+        summary = evaluate(specs, EvalSettings(model=settings.model, compression=variant, show_progress=show_progress))
+        row["quality"] = {"score": summary["averages"]["overall"]["score"],
+                          "tasks": {name: t["score"] for name, t in summary["tasks"].items()},
+                          "metric": sorted({t["primary"] for t in summary["tasks"].values()})}
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1:])

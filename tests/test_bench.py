@@ -1,0 +1,85 @@
+"""The efficiency benchmark's mechanics (never its timings) and the PIL plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from magic_mm.eval.bench import add_ratios, memory_job, summarise, time_job
+from magic_mm.eval.plot import bench_plot
+
+JOB = {"target": {"kind": "embedder", "model": "tiny-random-composed"}, "variants": ["none", "bilinear:2"],
+       "reps": 2, "items": 2, "batch": 2, "data": "/nonexistent", "threads": None}
+
+
+def test_time_job_interleaves_variants_and_counts_tokens():
+    raw = time_job(JOB)
+    assert list(raw) == ["none", "bilinear:2"]
+    none, s2 = raw["none"], raw["bilinear:2"]
+    # tiny-random-composed: 128-px input → 4×4 grid; bilinear:2 → 2×2.
+    assert (none["visual_tokens"], s2["visual_tokens"]) == (16, 4)
+    assert none["candidate_seq_len"] - s2["candidate_seq_len"] == 12  # only the visual tokens shrink
+    assert none["query_seq_len"] == s2["query_seq_len"]  # a text query has no image
+    for r in raw.values():
+        assert len(r["query_ms"]) == len(r["candidate_ms"]) == 4 and len(r["throughput"]) == 2
+        assert all(v > 0 for v in r["query_ms"] + r["candidate_ms"] + r["throughput"])
+
+
+def test_memory_job_reports_a_peak_above_the_loaded_size():
+    mem = memory_job({**JOB, "variants": ["bilinear:2"]})
+    assert mem["peak_mib"] >= mem["rss_loaded_mib"] > 0 and mem["batch"] == 2
+
+
+def fake_row(tokens, cand, thr, peak):
+    raw = {"visual_tokens": tokens, "query_seq_len": 10, "candidate_seq_len": tokens + 10,
+           "query_ms": [5.0, 5.0], "candidate_ms": cand, "throughput": thr}
+    return summarise(raw, {"peak_mib": peak, "rss_loaded_mib": 1.0, "batch": 2})
+
+
+def test_ratios_against_none():
+    rows = {"bilinear:2": fake_row(4, [10.0, 30.0, 20.0], [4.0], 150.0), "none": fake_row(16, [40.0], [2.0], 200.0)}
+    assert add_ratios(rows) == "none"
+    r = rows["bilinear:2"]
+    assert r["candidate_ms"]["median"] == 20.0 and r["candidate_ms"]["p95"] == pytest.approx(29.0)
+    assert r["ratios"] == {"visual_tokens": 0.25, "candidate_seq_len": 0.538, "query_ms": 1.0,
+                           "candidate_ms": 0.5, "throughput": 2.0, "peak_memory": 0.75}
+    only = {"avgpool:2": fake_row(4, [10.0], [], 100.0)}
+    assert add_ratios(only) == "avgpool:2" and only["avgpool:2"]["ratios"]["throughput"] is None
+
+
+def test_plot_writes_a_png(tmp_path):
+    rows = {"none": fake_row(16, [40.0], [2.0], 200.0), "bilinear:2": fake_row(4, [20.0], [4.0], 150.0)}
+    add_ratios(rows)
+    result = {"machine": {"device": "cpu", "cpus": 2},
+              "model": {"target": {"model": "m"}, "reps": 1, "variants": rows}}
+    path = bench_plot(result, tmp_path / "p.png")
+    with Image.open(path) as img:
+        assert img.size == (1120, 450)
+        assert len(set(img.getdata())) > 5  # something was drawn
+    for r in rows.values():
+        r["quality"] = {"score": 0.5, "tasks": {}, "metric": ["hit@1"]}
+    bench_plot(result, tmp_path / "q.png")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compression", "bilinear:two"], "bad compression argument"),
+    (["--archs", "gpt-9"], "unknown; choose from"),
+    (["--compression", ","], "at least one variant"),
+    (["--compression", "", "--archs", "clip-vit-b32", "--plot", "x.png"], "--plot needs"),
+])
+def test_bench_bad_arguments(run_cli, args, message):
+    code, _, err = run_cli("bench", "--model", "tiny-random-composed", *args)
+    assert code == 2 and message in err
+
+
+def test_bench_command_end_to_end(run_cli, tmp_path):
+    code, out, err = run_cli("bench", "--model", "tiny-random-composed", "--compression", "none,bilinear:2",
+                             "--reps", "1", "--items", "1", "--batch", "2", "--no-memory", "--json",
+                             "--plot", tmp_path / "b.png", "--data", tmp_path)
+    assert code == 0, err
+    res = json.loads(out)
+    assert set(res["model"]["variants"]) == {"none", "bilinear:2"}
+    assert res["model"]["variants"]["bilinear:2"]["ratios"]["visual_tokens"] == 0.25
+    assert (tmp_path / "b.png").is_file()
