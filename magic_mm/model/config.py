@@ -54,7 +54,7 @@ class EmbedderConfig:
             raise ModelFolderError(
                 f"{source}: not a magic-mm model (config.json has no \"format\": \"magic-mm\"); "
                 "pass a folder written by MagicEmbedder.save_pretrained, 'magic-mm-tiny', "
-                "or an InternVL checkpoint folder"
+                "or a checkpoint folder (InternVL, Qwen-VL, Idefics3, SmolVLM)"
             )
         if data.get("format_version", 0) > FORMAT_VERSION:
             raise ModelFolderError(
@@ -75,7 +75,7 @@ def read_folder_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFolderError(
             f"{folder}: has no {CONFIG_FILE}; pass a folder written by save_pretrained, "
-            f"an InternVL checkpoint folder, or '{DEFAULT_MODEL_NAME}'"
+            f"a checkpoint folder (InternVL, Qwen-VL, Idefics3, SmolVLM), or '{DEFAULT_MODEL_NAME}'"
         )
     try:
         return json.loads(path.read_text())

@@ -83,7 +83,8 @@ class MagicEmbedder(torch.nn.Module):
         dtype: str | torch.dtype | None = None,
     ) -> MagicEmbedder:
         """Load ``magic-mm-tiny``, a ``tiny-random-<family>`` test model, a folder written by
-        ``save_pretrained``, or a raw InternVL checkpoint folder (untrained connector/LoRA).
+        ``save_pretrained``, or a raw transformers checkpoint folder of a known family (InternVL,
+        Qwen2/2.5/3-VL, Idefics3, SmolVLM; untrained connector/LoRA).
 
         ``compression`` overrides the saved setting (e.g. ``"none"`` or ``"bilinear:4"``).
         """
@@ -97,7 +98,7 @@ class MagicEmbedder(torch.nn.Module):
             if not folder.exists():
                 raise ModelFolderError(
                     f"{name}: no such model folder; pass '{DEFAULT_MODEL_NAME}', a folder written by "
-                    "save_pretrained, or an InternVL checkpoint folder"
+                    "save_pretrained, or a checkpoint folder (InternVL, Qwen-VL, Idefics3, SmolVLM)"
                 )
             if not folder.is_dir():
                 raise ModelFolderError(f"{name}: is a file; pass the model's folder instead")
