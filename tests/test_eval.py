@@ -361,3 +361,29 @@ def test_convert_labels_command(run_cli, tmp_path, image_dir):
     code, _, err = run_cli("convert", "labels", labels, "--image-root", image_dir, "--out", out)
     assert code == 0, err
     assert [c.text for c in read_task(out)[1].candidates] == ["dog", "cat"]
+
+
+class ReverseReranker:
+    """Puts the embedder's top k in reverse order (and records what it was asked)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def rerank(self, query, candidates, top_k):
+        from types import SimpleNamespace
+
+        self.calls.append((query.text, [c.text for c in candidates]))
+        return [SimpleNamespace(index=i, score=-i) for i in reversed(range(top_k))]
+
+
+def test_rerank_reorders_only_the_embedders_top_five():
+    cands = [t(f"c{i}") for i in range(7)]
+    table = {"q": [1, 0]} | {f"c{i}": [1, 0.1 * (i + 1)] for i in range(7)}  # c0 most similar, c6 least
+    rows = [TaskRow(t("q"), cands, [1, 0, 0, 0, 0, 0, 0])]
+    plain, preds, _ = evaluate_rows(rows, encoder(LookupModel(table)), "local", ks=(1, 5))
+    assert plain["hit@1"] == 1.0
+    reranker = ReverseReranker()
+    reranked, preds, _ = evaluate_rows(rows, encoder(LookupModel(table)), "local", ks=(1, 5), reranker=reranker)
+    assert reranker.calls == [("q", ["c0", "c1", "c2", "c3", "c4"])]
+    assert [p["candidate"] for p in preds[0]["top"]] == ["'c4'", "'c3'", "'c2'", "'c1'", "'c0'"]
+    assert reranked["hit@1"] == 0.0 and reranked["hit@5"] == 1.0 and reranked["mrr"] == pytest.approx(1 / 5)

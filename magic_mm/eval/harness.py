@@ -93,7 +93,8 @@ def _unique(items: list[Item]) -> tuple[list[Item], list[int]]:
 
 
 def evaluate_rows(rows: list[TaskRow], encoder: CachedEncoder, mode: str = "local",
-                  ks: tuple[int, ...] = DEFAULT_KS, ties: Ties = "pessimistic") -> tuple[dict[str, float], list[dict[str, Any]], dict[str, int]]:
+                  ks: tuple[int, ...] = DEFAULT_KS, ties: Ties = "pessimistic",
+                  reranker: Any = None) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, int]]:
     """Metrics averaged over queries, per-query predictions, and the item counts."""
     queries, query_pos = _unique([r.query for r in rows])
     pool, pool_pos = _unique([c for r in rows for c in r.candidates])
@@ -114,6 +115,8 @@ def evaluate_rows(rows: list[TaskRow], encoder: CachedEncoder, mode: str = "loca
             ids = np.asarray(own)
             scores = c_vecs[ids] @ q_vecs[query_pos[n]]
             grades = np.asarray(row.grades, dtype=np.float64)
+        if reranker is not None:
+            scores = rerank_scores(reranker, row.query, [pool[int(i)] for i in ids], scores, grades, ties)
         per_query.append(query_metrics(scores, grades, ks, NDCG_K, ties))
         order = rank_order(scores, grades, ties)[:TOP_SHOWN]
         predictions.append({
@@ -127,31 +130,54 @@ def evaluate_rows(rows: list[TaskRow], encoder: CachedEncoder, mode: str = "loca
     return mean_metrics(per_query), predictions, counts
 
 
+RERANK_TOP = 5  # the paper reranks the embedder's top 5
+
+
 def load_reranker(settings: EvalSettings) -> Any:
-    """The reranker, or a clear error while the project has none."""
+    """The model's reranker, or a clear error while magic-mm has none."""
     import magic_mm
 
-    if not hasattr(magic_mm, "MagicReranker"):
+    reranker_class = getattr(magic_mm, "MagicReranker", None)
+    if reranker_class is None:
         raise UserError(
             "--rerank: the reranker (magic_mm.MagicReranker) is not available in this version of magic-mm; "
             "run without --rerank"
         )
-    raise UserError(
-        "--rerank: magic_mm.MagicReranker exists but this harness does not support its API yet; run without --rerank"
-    )
+    return reranker_class.from_pretrained(settings.model)
+
+
+def _as_input(item: Item) -> Any:
+    from magic_mm.model.inputs import MMInput
+
+    return MMInput(text=item.text, image=item.image)
+
+
+def rerank_scores(reranker: Any, query: Item, candidates: list[Item], scores: np.ndarray, grades: np.ndarray,
+                  ties: Ties) -> np.ndarray:
+    """Scores whose top ``RERANK_TOP`` follow the reranker's order; the rest keep the embedder's.
+
+    ``reranker.rerank(query, candidates, top_k)`` answers hits with ``index`` (into the
+    candidates it was given) and ``score``, best first.
+    """
+    top = rank_order(scores, grades, ties)[:RERANK_TOP]
+    hits = reranker.rerank(_as_input(query), [_as_input(candidates[int(i)]) for i in top], top_k=len(top))
+    new = np.array(scores, dtype=np.float64)
+    ceiling = float(new.max()) + 1.0
+    for position, hit in enumerate(hits):
+        new[top[int(hit.index)]] = ceiling + len(hits) - position
+    return new
 
 
 def evaluate(specs: list[TaskSpec], settings: EvalSettings, out_dir: Path | None = None) -> dict[str, Any]:
     """Run every task; write per-task JSON, ``summary.json`` and ``results.md`` to ``out_dir``."""
     if settings.ties not in TIES:
         raise UserError(f"--ties {settings.ties!r}: use one of {', '.join(TIES)}")
-    if settings.rerank:
-        load_reranker(settings)
+    reranker = load_reranker(settings) if settings.rerank else None
     encoder = make_encoder(settings)
     results = []
     for spec in specs:
         rows = spec.load()
-        metrics, predictions, counts = evaluate_rows(rows, encoder, spec.mode, settings.ks, settings.ties)
+        metrics, predictions, counts = evaluate_rows(rows, encoder, spec.mode, settings.ks, settings.ties, reranker)
         if spec.primary not in metrics:
             raise UserError(f"task {spec.name}: primary metric {spec.primary!r} unknown; "
                             f"choose one of {', '.join(metrics)}")
