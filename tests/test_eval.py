@@ -387,3 +387,9 @@ def test_rerank_reorders_only_the_embedders_top_five():
     assert reranker.calls == [("q", ["c0", "c1", "c2", "c3", "c4"])]
     assert [p["candidate"] for p in preds[0]["top"]] == ["'c4'", "'c3'", "'c2'", "'c1'", "'c0'"]
     assert reranked["hit@1"] == 0.0 and reranked["hit@5"] == 1.0 and reranked["mrr"] == pytest.approx(1 / 5)
+
+
+def test_eval_unknown_primary_metric_fails_before_embedding(run_cli, tmp_path, caption_dir):
+    tasks = write_yaml(tmp_path / "t.yaml", f"tasks:\n  - {{name: a, captions: {caption_dir}, primary: precision@3}}\n")
+    code, _, err = run_cli("eval", "--tasks", tasks, "--model", "/no/such/model", "--out", tmp_path)
+    assert code == 2 and "primary metric 'precision@3' unknown" in err and "hit@1" in err

@@ -19,7 +19,7 @@ import numpy as np
 from magic_mm.data.mmeb import Item, TaskRow
 from magic_mm.errors import UserError
 from magic_mm.eval.cache import CachedEncoder, EmbeddingCache
-from magic_mm.eval.metrics import (DEFAULT_KS, NDCG_K, TIES, Ties, first_relevant_rank, mean_metrics,
+from magic_mm.eval.metrics import (DEFAULT_KS, NDCG_K, TIES, Ties, first_relevant_rank, mean_metrics, metric_names,
                                    query_metrics, rank_order)
 from magic_mm.eval.tasks import META_TASKS, TaskSpec
 from magic_mm.model.compression import Compression
@@ -172,15 +172,16 @@ def evaluate(specs: list[TaskSpec], settings: EvalSettings, out_dir: Path | None
     """Run every task; write per-task JSON, ``summary.json`` and ``results.md`` to ``out_dir``."""
     if settings.ties not in TIES:
         raise UserError(f"--ties {settings.ties!r}: use one of {', '.join(TIES)}")
+    known = metric_names(settings.ks)
+    for spec in specs:  # fail before any embedding work
+        if spec.primary not in known:
+            raise UserError(f"task {spec.name}: primary metric {spec.primary!r} unknown; choose one of {', '.join(known)}")
     reranker = load_reranker(settings) if settings.rerank else None
     encoder = make_encoder(settings)
     results = []
     for spec in specs:
         rows = spec.load()
         metrics, predictions, counts = evaluate_rows(rows, encoder, spec.mode, settings.ks, settings.ties, reranker)
-        if spec.primary not in metrics:
-            raise UserError(f"task {spec.name}: primary metric {spec.primary!r} unknown; "
-                            f"choose one of {', '.join(metrics)}")
         results.append(TaskResult(spec.name, spec.meta, spec.distribution, spec.mode, spec.primary,
                                   metrics[spec.primary], metrics, counts, predictions))
     summary = {

@@ -29,6 +29,11 @@ DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 NDCG_K = 5
 
 
+def metric_names(ks: Sequence[int] = DEFAULT_KS, ndcg_k: int = NDCG_K) -> list[str]:
+    """The keys ``query_metrics`` returns, in order."""
+    return [n for k in ks for n in (f"hit@{k}", f"recall@{k}")] + ["mrr", f"ndcg@{ndcg_k}"]
+
+
 def rank_order(scores: np.ndarray, grades: np.ndarray, ties: Ties = "pessimistic") -> np.ndarray:
     """Candidate indices from best to worst score, ties broken as ``ties`` says."""
     scores = np.asarray(scores, dtype=np.float64)
