@@ -69,13 +69,12 @@ def draw_panel(draw: ImageDraw.ImageDraw, origin: tuple[int, int], points: list[
     draw.rectangle([x0, y0, x1, y1], outline="black")
     draw.text(((x0 + x1 - draw.textlength(xlabel, font=font)) / 2, y1 + 26), xlabel, fill="black", font=font)
     draw.text((origin[0] + 8, y0 - 16), ylabel, fill="black", font=font)
-    ordered = sorted(points, key=lambda p: p.x)
-    draw.line([(px(p.x), py(p.y)) for p in ordered], fill=(160, 160, 160), width=1)
     for n, p in enumerate(points):
         colour = COLOURS[n % len(COLOURS)]
         cx, cy = px(p.x), py(p.y)
         draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=colour, outline="black")
-        draw.text((cx + 8, cy - 14 + 12 * (n % 2)), p.label, fill=colour, font=font)
+        # Alternate labels above / below so variants at the same x stay readable.
+        draw.text((cx + 8, cy - 18 if n % 2 == 0 else cy + 6), p.label, fill=colour, font=font)
 
 
 def bench_plot(result: dict[str, Any], path: str | Path) -> Path:
