@@ -226,9 +226,10 @@ class PageStore:
 def build_ann_index(table: Any, kind: str, rows: int, dim: int) -> None:
     """One place for the ANN parameters (also used by benchmarks/ann.py).
 
-    About sqrt(rows) IVF partitions; PQ with 8-dim sub-vectors (dim must divide).
+    About sqrt(rows) IVF partitions, but at least 256 rows each (k-means needs them);
+    PQ with 8-dim sub-vectors (dim must divide).
     """
-    partitions = max(1, min(4096, int(np.sqrt(rows))))
+    partitions = max(1, min(4096, int(np.sqrt(rows)), rows // 256))
     sub_vectors = next(s for s in (dim // 8, dim // 4, dim // 2, 1) if s >= 1 and dim % s == 0)
     index_type = "IVF_PQ" if kind == "ivf-pq" else "IVF_HNSW_SQ"
     options: dict[str, Any] = {"metric": "cosine", "index_type": index_type, "num_partitions": partitions,
