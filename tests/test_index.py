@@ -264,3 +264,31 @@ def test_killed_indexing_run_resumes_to_exactly_one_row_per_page(tmp_path, tiny_
     assert row_hash[str((docs / "photo_000.png").resolve())] == content_hash(docs / "photo_000.png")
     again = index_paths(tiny_composed, store, [docs])  # and a further run has nothing left to do
     assert len(again.skipped) == 12 and again.pages_embedded == 0
+
+
+@pytest.mark.parametrize("kind", ["ivf-pq", "hnsw"])
+def test_ann_index_is_used_and_exact_search_stays_available(tmp_path, kind):
+    dim, rows = 64, 600
+    stamp = ModelStamp(model=MODEL, compression="bilinear:2", dim=dim, fingerprint="f" * 16)
+    store = PageStore.open_or_create(tmp_path / "ann.lance", stamp)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((rows, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    paths = [f"/photos/{i:04d}.jpg" for i in range(rows)]
+    store.replace(paths, [{"path": p, "kind": "image", "page": 1, "pages": 1, "hash": "h"} for p in paths], vectors)
+    store.build_ann(kind)
+    assert store.table.list_indices()
+    query = vectors[7]
+    approx = store.search(query, 10)
+    exact = store.search(query, 10, exact=True)
+    assert len(approx) == 10 and approx[0].path == exact[0].path == paths[7]  # a stored vector finds itself
+    assert [h.path for h in exact] == [paths[i] for i in np.argsort(-(vectors @ query))[:10]]
+    with pytest.raises(UserError, match="choose one of"):
+        store.build_ann("flat")
+
+
+def test_ann_needs_enough_rows(tmp_path):
+    stamp = ModelStamp(model=MODEL, compression="bilinear:2", dim=8, fingerprint="f" * 16)
+    store = PageStore.open_or_create(tmp_path / "small.lance", stamp)
+    with pytest.raises(UserError, match="needs at least 256"):
+        store.build_ann("ivf-pq")
