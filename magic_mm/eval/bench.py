@@ -204,6 +204,25 @@ def random_internvl(arch: str, compression: str) -> Any:
                          backbone).eval()
 
 
+# fp32 bytes of the random models (parameters only), to wait for room on a shared machine.
+ARCH_BYTES = {"internvl3-1b": 0.94e9 * 4, "internvl3-2b": 2.1e9 * 4}
+
+
+def wait_for_memory(needed: float, label: str, timeout_s: float = 900.0) -> None:
+    """Block until ``needed`` bytes (plus 25%) are available, so a big model never pushes
+    other people's processes into the OOM killer; give up with a clear error."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with open("/proc/meminfo") as fh:
+            available = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+        if available >= needed * 1.25:
+            return
+        if time.monotonic() > deadline:
+            raise UserError(f"{label}: needs about {needed / 2**30:.1f} GiB of free memory, only "
+                            f"{available / 2**30:.1f} GiB available; retry when the machine is less busy")
+        time.sleep(10)
+
+
 def build_subject(target: dict[str, Any], compression: str) -> Any:
     if target["kind"] == "embedder":
         from magic_mm import MagicEmbedder
@@ -211,6 +230,7 @@ def build_subject(target: dict[str, Any], compression: str) -> Any:
         return EmbedderSubject(MagicEmbedder.from_pretrained(target["model"], compression=compression))
     if target["kind"] == "clip":
         return ClipSubject()
+    wait_for_memory(ARCH_BYTES[target["arch"]], target["arch"])
     return EmbedderSubject(random_internvl(target["arch"], compression))
 
 

@@ -129,7 +129,7 @@ class CachedEncoder:
         from magic_mm.progress import progress
 
         total = sum(map(len, missing.values()))
-        with progress(total, self.show_progress and total > 0, f"embedding {role}s") as advance:
+        with progress(total, self.show_progress and total > 0, f"embedding {role} items") as advance:
             for instruction, positions in missing.items():
                 # Stored chunk by chunk, so an interrupted run keeps what it computed.
                 for start in range(0, len(positions), CHUNK):
