@@ -29,6 +29,7 @@ from magic_mm.index.search import (
     retrieve,
 )
 from magic_mm.index.store import DocumentState, IndexDbError, ModelStamp, PageStore
+from magic_mm.model.inputs import MMInput
 
 MODEL = "tiny-random-composed"
 
@@ -292,3 +293,17 @@ def test_ann_needs_enough_rows(tmp_path):
     store = PageStore.open_or_create(tmp_path / "small.lance", stamp)
     with pytest.raises(UserError, match="needs at least 256"):
         store.build_ann("ivf-pq")
+
+
+def test_retrieve_with_the_real_magic_reranker_class(tiny_composed, shared_index):
+    """The adapter speaks MagicReranker's actual API (ranked RerankHit objects)."""
+    reranker_module = pytest.importorskip("magic_mm.model.reranker")
+    reranker = reranker_module.MagicReranker(tiny_composed)
+    query = query_input("a dog", None)
+    hits = retrieve(shared_index, embed_query(tiny_composed, query), k=3, query=query, reranker=reranker,
+                    rerank_top=3)
+    from magic_mm.index.files import page_image
+
+    direct = reranker.score(query, [MMInput(image=page_image(Path(h.path), h.kind, h.page)) for h in hits])
+    np.testing.assert_allclose([h.rerank_score for h in hits], direct, atol=1e-5)
+    assert [h.rerank_score for h in hits] == sorted((h.rerank_score for h in hits), reverse=True)

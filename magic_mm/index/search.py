@@ -40,8 +40,9 @@ def load_reranker(model: str) -> Any:
         ) from None
     try:
         return MagicReranker.from_pretrained(model)
-    except UserError as exc:
-        raise RerankerUnavailableError(f"--rerank: no reranker for model {model!r} ({exc})") from None
+    except (UserError, OSError, TypeError, ValueError) as exc:
+        raise RerankerUnavailableError(
+            f"reranking is not available for model {model!r} ({exc}); search without reranking") from None
 
 
 def reranker_scores(reranker: Any, query: MMInput, candidates: Sequence[MMInput]) -> list[float]:
