@@ -275,3 +275,8 @@ def test_chunked_body_over_the_cap_is_refused(guarded):
 def test_health_needs_no_key_but_reports_auth(guarded):
     status, body = request(guarded, "GET", "/health")
     assert status == 200 and body["auth"] is True
+
+
+def test_serve_command_refuses_a_missing_index(run_cli, tmp_path):
+    code, _, err = run_cli("serve", "--db", tmp_path / "nothing.lance", "--port", "0")
+    assert code == 2 and "no index there" in err
