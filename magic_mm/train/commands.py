@@ -1,0 +1,67 @@
+"""``magic-mm train stage1|stage2|stage3|reranker --config cfg.yaml``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+train_app = typer.Typer(no_args_is_help=True, help="Train a stage of the recipe from a YAML config.")
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML training config.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def trainer_for(stage: str, config_path: Path, quiet: bool = False):  # noqa: ANN201
+    from magic_mm.train.config import load_config
+    from magic_mm.train.registry import TRAINERS
+
+    config = load_config(config_path, expect_stage=stage)
+    if quiet:
+        config.show_progress = False
+    return TRAINERS[stage](config)
+
+
+def _run(stage: str, config: Path, as_json: bool, quiet: bool) -> None:
+    from magic_mm.train.loop import LOG_FILE
+
+    trainer = trainer_for(stage, config, quiet or as_json)
+    folder = trainer.run()
+    log = trainer.out / LOG_FILE
+    last = json.loads(log.read_text().splitlines()[-1]) if log.is_file() and log.read_text().strip() else {}
+    summary = {"stage": stage, "model": str(folder), "steps": trainer.step, "last": last}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        typer.echo(f"{stage}: {trainer.step} steps, final loss {last.get('loss')}, model saved to {folder}")
+
+
+@train_app.command("stage1")
+def stage1(config: ConfigOpt, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Generative restoration: next-token loss on answers (captions, text instructions)."""
+    _run("stage1", config, as_json, quiet)
+
+
+@train_app.command("stage2")
+def stage2(config: ConfigOpt, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Contrastive InfoNCE: in-batch negatives, then global hard-negative mining."""
+    _run("stage2", config, as_json, quiet)
+
+
+@train_app.command("stage3")
+def stage3(config: ConfigOpt, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Task-aware fine-tuning with judge-filtered hard negatives."""
+    _run("stage3", config, as_json, quiet)
+
+
+@train_app.command("reranker")
+def reranker(config: ConfigOpt, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Train MagicReranker (pointwise yes/no + listwise index loss)."""
+    _run("reranker", config, as_json, quiet)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(train_app, name="train")

@@ -1,0 +1,198 @@
+"""YAML training configs as dataclasses.
+
+One ``TrainConfig`` holds what every stage shares (model, data, optimiser,
+schedule, checkpointing); each stage reads its own sub-section.  Unknown keys
+are an error so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+from magic_mm.errors import UserError
+from magic_mm.model.config import LoraSettings
+
+STAGES = ("stage1", "stage2", "stage3", "reranker")
+
+
+class ConfigError(UserError):
+    """A training config that cannot be read or has a bad value."""
+
+
+@dataclass
+class DataConfig:
+    folder: str = "../shared/data/flickr8k-1k"  # images/ + captions.csv (+ splits.csv)
+    split: str = "train"
+    limit_images: int | None = None  # keep only the first N images (toy runs, tests)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # LoRA / LM
+    connector_lr: float = 1e-3  # the connector starts from random, so it moves faster
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | constant
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class HardNegativeConfig:
+    steps: int = 0  # steps trained with mined negatives (after the in-batch steps)
+    window: tuple[int, int] = (50, 100)  # ranks (0-based, after exclusions) to sample from
+    count: int = 2  # hard negatives per query
+    queries_per_group: int | None = None  # mine for only N queries of each group (cheaper)
+
+
+@dataclass
+class Stage1Config:
+    caption_prompt: str = "Describe the image in one sentence."
+    text_instructions: list[dict[str, str]] = field(default_factory=list)  # {"prompt":…, "answer":…}
+    max_answer_tokens: int = 48
+
+
+@dataclass
+class JudgeConfig:
+    kind: str = "self"  # self (the project's stage-1 model) | hf (local HF VLM folder) | openai (URL)
+    model: str | None = None  # folder for kind=self/hf; model name for kind=openai
+    url: str | None = None  # OpenAI-compatible base URL for kind=openai
+    api_key_env: str = "OPENAI_API_KEY"
+    cache: str = "judge_cache.jsonl"  # relative to the run's output folder unless absolute
+    question: str = (
+        "Does the image match the query? Query: {query}\nAnswer yes or no."
+    )
+
+
+@dataclass
+class Stage3Config:
+    retrieve_top: int = 20
+    hard_negatives: int = 12
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    # task name → {"query": instruction, "candidate": instruction}
+    instructions: dict[str, dict[str, str]] = field(default_factory=dict)
+    task: str = "caption-to-image"
+
+
+@dataclass
+class RerankerConfig:
+    negatives: tuple[int, int] = (2, 5)  # listwise: the positive among this many negatives
+    pointwise_weight: float = 1.0
+    listwise_weight: float = 1.0
+    candidates_from: str | None = None  # embedder folder that retrieves the negatives (else random)
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    output: str
+    model: str = "magic-mm-tiny"  # start point: a name or a folder written by save_pretrained
+    # or build the start point from scratch: an EmbedderConfig mapping (family, backbone, name, …)
+    base: dict[str, Any] | None = None
+    compression: str | None = None  # override the start point's compression
+    seed: int = 0
+    steps: int = 100  # total optimiser steps (stage 2: in-batch steps; hard-negative steps come on top)
+    batch_size: int = 16  # queries per optimiser step (global, across processes)
+    grad_cache_chunk: int | None = None  # GradCache chunk size; None = one plain forward/backward
+    temperature: float = 0.03
+    symmetric: bool = False  # stage 2: add the candidate→query InfoNCE direction
+    train_lm: str = "lora"  # lora | full | frozen
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hard_negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage3: Stage3Config = field(default_factory=Stage3Config)
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    checkpoint_every: int = 10
+    log_every: int = 1
+    cache_vision: bool = True  # precompute the frozen vision encoder's grids once
+    vision_cache_file: str | None = None  # share grids between runs (default: OUTPUT/vision_cache.safetensors)
+    mixed_precision: str = "no"  # accelerate: no | bf16 | fp16
+    show_progress: bool = True
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage {self.stage!r} is unknown; use one of {', '.join(STAGES)}")
+        if self.train_lm not in ("lora", "full", "frozen"):
+            raise ConfigError(f"train_lm {self.train_lm!r}: use lora, full or frozen")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < (0 if name == "steps" else 1):
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        lo, hi = self.hard_negatives.window
+        if not 0 <= lo < hi:
+            raise ConfigError(f"hard_negatives.window {lo}-{hi}: need 0 <= start < end")
+        if self.optim.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"optim.schedule {self.optim.schedule!r}: use cosine or constant")
+        if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
+            raise ConfigError("grad_cache_chunk must be >= 1 (or omitted)")
+        n_lo, n_hi = self.reranker.negatives
+        if not 1 <= n_lo <= n_hi:
+            raise ConfigError(f"reranker.negatives {n_lo}-{n_hi}: need 1 <= low <= high")
+        if self.stage3.judge.kind not in ("self", "hf", "openai"):
+            raise ConfigError(f"stage3.judge.kind {self.stage3.judge.kind!r}: use self, hf or openai")
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, f"{where}.{key}")
+        elif getattr(hint, "__origin__", None) is tuple and isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_config(path: str | Path, expect_stage: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config; relative ``output`` / ``data.folder`` resolve against the cwd."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    raw = {**raw, **(overrides or {})}
+    if expect_stage is not None:
+        raw.setdefault("stage", expect_stage)
+        if raw["stage"] != expect_stage:
+            raise ConfigError(f"{path}: is a {raw['stage']} config; run `magic-mm train {raw['stage']}`")
+    for required in ("stage", "output"):
+        if required not in raw:
+            raise ConfigError(f"{path}: missing required key {required!r}")
+    config = from_dict(TrainConfig, raw, str(path))
+    config.validate()
+    return config
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

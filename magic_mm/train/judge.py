@@ -1,0 +1,185 @@
+"""The stage-3 judge: is a retrieved candidate relevant to the query?
+
+The judge answers yes or no; a candidate is relevant when logit(yes) > logit(no).
+Three kinds, one interface (``Judge.logits``):
+
+- ``self``: the project's own stage-1 model (a folder written by save_pretrained);
+- ``hf``: any local transformers vision-language model folder with a chat template;
+- ``openai``: an OpenAI-compatible ``/chat/completions`` endpoint given by URL, read
+  through its top log-probabilities of the first answer token.
+
+Verdicts are cached in a JSONL file keyed by judge, query and candidate, so a
+rerun never asks again.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from magic_mm.errors import UserError
+from magic_mm.model.inputs import load_image
+from magic_mm.train.config import JudgeConfig
+
+
+@dataclass
+class Verdict:
+    yes: float  # logit (or log-probability) of "yes"
+    no: float
+
+    @property
+    def relevant(self) -> bool:
+        return self.yes > self.no
+
+
+def decide(yes: float, no: float) -> bool:
+    """The paper's rule: relevant iff logit(yes) > logit(no) (a tie is not relevant)."""
+    return Verdict(yes, no).relevant
+
+
+class Judge:
+    name: str = "judge"
+
+    def logits(self, question: str, image: Path | None) -> tuple[float, float]:
+        """(yes, no) scores for one question about one candidate image."""
+        raise NotImplementedError
+
+
+class SelfJudge(Judge):
+    """The project's own stage-1 model, read through its yes/no next-token logits."""
+
+    def __init__(self, folder: str) -> None:
+        from magic_mm.model.embedder import MagicEmbedder
+
+        self.model = MagicEmbedder.from_pretrained(folder)
+        self.name = f"self:{folder}"
+
+    def logits(self, question: str, image: Path | None) -> tuple[float, float]:
+        from magic_mm.model.generative import GenExample, yes_no_logits
+
+        segments: list[Any] = []
+        if image is not None:
+            segments += [load_image(image), "\n"]
+        segments.append(question + "\nAnswer: ")
+        with torch.no_grad():
+            out = yes_no_logits(self.model, [GenExample(segments)])[0]
+        return float(out[0]), float(out[1])
+
+
+class HFJudge(Judge):
+    """A local transformers image-text-to-text model (e.g. a SmolVLM or InternVL folder)."""
+
+    def __init__(self, folder: str) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if not Path(folder).is_dir():
+            raise UserError(f"stage3.judge.model {folder!r}: no such folder; give a local HF VLM folder")
+        self.processor = AutoProcessor.from_pretrained(folder)
+        self.model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+        self.name = f"hf:{folder}"
+        tok = self.processor.tokenizer
+        self.yes_id = tok("Yes", add_special_tokens=False)["input_ids"][0]
+        self.no_id = tok("No", add_special_tokens=False)["input_ids"][0]
+
+    def logits(self, question: str, image: Path | None) -> tuple[float, float]:
+        content: list[dict[str, Any]] = [{"type": "image"}] if image is not None else []
+        content.append({"type": "text", "text": question})
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                    add_generation_prompt=True)
+        images = [load_image(image)] if image is not None else None
+        inputs = self.processor(text=prompt, images=images, return_tensors="pt")
+        with torch.no_grad():
+            out = self.model(**inputs).logits[0, -1]
+        return float(out[self.yes_id]), float(out[self.no_id])
+
+
+class OpenAIJudge(Judge):
+    """An OpenAI-compatible chat endpoint; yes/no read from the first token's top log-probs."""
+
+    def __init__(self, url: str, model: str | None, api_key_env: str) -> None:
+        self.url = url.rstrip("/") + "/chat/completions"
+        self.model = model or "default"
+        self.key = os.environ.get(api_key_env, "")
+        self.name = f"openai:{url}:{self.model}"
+
+    def logits(self, question: str, image: Path | None) -> tuple[float, float]:
+        content: list[dict[str, Any]] = [{"type": "text", "text": question + " Answer Yes or No."}]
+        if image is not None:
+            data = base64.b64encode(Path(image).read_bytes()).decode()
+            content.append({"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{data}"}})
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": 1,
+                "logprobs": True, "top_logprobs": 20, "temperature": 0}
+        request = urllib.request.Request(self.url, json.dumps(body).encode(), {
+            "Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                reply = json.loads(response.read())
+        except OSError as exc:
+            raise UserError(f"judge endpoint {self.url}: request failed ({exc}); check stage3.judge.url") from None
+        return openai_yes_no(reply)
+
+
+def openai_yes_no(reply: dict[str, Any]) -> tuple[float, float]:
+    """(yes, no) log-probabilities from a chat completion; a missing answer gets -inf."""
+    choice = reply["choices"][0]
+    scores = {"yes": -math.inf, "no": -math.inf}
+    tops = ((choice.get("logprobs") or {}).get("content") or [{}])[0].get("top_logprobs") or []
+    for entry in tops:
+        word = entry["token"].strip().lower()
+        if word in scores:
+            scores[word] = max(scores[word], float(entry["logprob"]))
+    if scores == {"yes": -math.inf, "no": -math.inf}:  # no log-probs: fall back to the text
+        text = (choice.get("message") or {}).get("content", "").strip().lower()
+        scores = {"yes": 0.0 if text.startswith("yes") else -math.inf,
+                  "no": 0.0 if text.startswith("no") else -math.inf}
+    return scores["yes"], scores["no"]
+
+
+def make_judge(config: JudgeConfig) -> Judge:
+    if config.kind == "openai":
+        if not config.url:
+            raise UserError("stage3.judge.kind is openai but stage3.judge.url is empty; give the endpoint URL")
+        return OpenAIJudge(config.url, config.model, config.api_key_env)
+    if not config.model:
+        raise UserError(f"stage3.judge.model is empty; give the {config.kind} judge's model folder")
+    return SelfJudge(config.model) if config.kind == "self" else HFJudge(config.model)
+
+
+class CachedJudge:
+    """Asks ``judge`` only about pairs not already in ``file``; appends each new verdict."""
+
+    def __init__(self, judge: Judge, file: Path) -> None:
+        self.judge = judge
+        self.file = file
+        self.asked = 0
+        self.verdicts: dict[str, Verdict] = {}
+        if file.is_file():
+            for line in file.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.verdicts[row["key"]] = Verdict(row["yes"], row["no"])
+
+    def key(self, question: str, image: Path | None) -> str:
+        raw = json.dumps([self.judge.name, question, str(image)])
+        return hashlib.sha1(raw.encode()).hexdigest()
+
+    def __call__(self, question: str, image: Path | None) -> Verdict:
+        key = self.key(question, image)
+        if key not in self.verdicts:
+            yes, no = self.judge.logits(question, image)
+            self.verdicts[key] = Verdict(yes, no)
+            self.asked += 1
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            with self.file.open("a") as fh:
+                fh.write(json.dumps({"key": key, "yes": yes, "no": no, "question": question,
+                                     "candidate": str(image)}) + "\n")
+        return self.verdicts[key]

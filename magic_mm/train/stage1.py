@@ -1,0 +1,60 @@
+"""Stage 1: generative restoration.
+
+Next-token loss on the answer tokens only, over image→caption pairs (the
+compressed visual tokens must carry enough to write the caption) and text-only
+instructions from the config.  The connector is trained; the LM by LoRA, fully,
+or not at all (``train_lm``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from magic_mm.model.embedder import MagicEmbedder
+from magic_mm.model.generative import GenExample, build_batch, logits
+from magic_mm.train.features import precomputed_vision
+from magic_mm.train.loop import Trainer, batch_indices
+from magic_mm.train.losses import answer_token_loss
+from magic_mm.train.pairs import CaptionPairs
+
+
+class GenerativeTrainer(Trainer):
+    def build_model(self) -> MagicEmbedder:
+        self.pairs = CaptionPairs.load(self.config.data)
+        cfg = self.config.stage1
+        # (image index or None, prompt, answer): every caption, then the text instructions
+        self.examples: list[tuple[int | None, str, str]] = [
+            (self.pairs.owner[q], cfg.caption_prompt, caption) for q, caption in enumerate(self.pairs.captions)
+        ] + [(None, t["prompt"], t["answer"]) for t in cfg.text_instructions]
+        return self.load_embedder()
+
+    def prepare_run(self) -> None:
+        self.vision = self.build_vision_cache(self.pairs.images)
+
+    def example(self, index: int) -> GenExample:
+        image, prompt, answer = self.examples[index]
+        tokenizer = self.embedder.backbone.tokenizer
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: self.config.stage1.max_answer_tokens]
+        segments: list = []
+        if image is not None:
+            path = self.pairs.images[image]
+            segments += [self.vision.grids[str(path)] if self.config.cache_vision else self.embedder.prepare([path])[0].image, "\n"]
+        segments.append(prompt + "\n")
+        return GenExample(segments, tokenizer.decode(ids))
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.config
+        picks = batch_indices(len(self.examples), cfg.batch_size, step, cfg.seed)
+        picks = picks[self.accelerator.process_index :: self.accelerator.num_processes]
+        examples = [self.example(i) for i in picks]
+        if cfg.cache_vision:
+            with precomputed_vision(self.embedder.backbone):
+                loss = self._loss(examples)
+        else:
+            loss = self._loss(examples)
+        self.accelerator.backward(loss)
+        return {"loss": float(loss.detach())}
+
+    def _loss(self, examples: list[GenExample]) -> torch.Tensor:
+        batch = build_batch(self.embedder, examples)
+        return answer_token_loss(self.model(logits, batch), batch.labels)

@@ -1,0 +1,143 @@
+"""Stage 2: contrastive training with InfoNCE.
+
+Phase A (``steps``): in-batch negatives.  Phase B (``hard_negatives.steps``):
+before its first step the current model embeds the whole candidate pool, ranks it
+for every query, and mined negatives (see ``mining.py``) join each query's batch.
+The ground truth stays each query's only positive.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from magic_mm.model.embedder import MagicEmbedder
+from magic_mm.model.inputs import PreparedInput
+from magic_mm.train.features import precomputed_vision
+from magic_mm.train.gradcache import contrastive_backward
+from magic_mm.train.loop import Trainer, batch_indices
+from magic_mm.train.losses import group_mask, info_nce
+from magic_mm.train.mining import mine_hard_negatives
+from magic_mm.train.pairs import CaptionPairs
+
+NEGATIVES_FILE = "hard_negatives.json"
+IN_BATCH_MODEL = "model-in-batch"
+
+
+class ContrastiveTrainer(Trainer):
+    """InfoNCE over caption→image pairs; stage 3 reuses it with judged negatives."""
+
+    def build_model(self) -> MagicEmbedder:
+        self.pairs = CaptionPairs.load(self.config.data)
+        self.negatives: dict[int, list[int]] = {}
+        return self.load_embedder()
+
+    def prepare_run(self) -> None:
+        self.vision = self.build_vision_cache(self.pairs.images)
+        path = self.out / NEGATIVES_FILE
+        if path.is_file():
+            self.negatives = {int(k): v for k, v in json.loads(path.read_text()).items()}
+
+    # -- inputs ---------------------------------------------------------------------
+    def candidate_item(self, index: int) -> Any:
+        path = self.pairs.images[index]
+        return self.vision.item(path) if self.config.cache_vision else path
+
+    def embed(self, items: Sequence[Any], role: str, instruction: str | None = None) -> torch.Tensor:
+        prepared = self.embedder.prepare(items)
+        if self.config.cache_vision:
+            with precomputed_vision(self.embedder.backbone):
+                return self.model_forward(prepared, role, instruction)
+        return self.model_forward(prepared, role, instruction)
+
+    def model_forward(self, items: list[PreparedInput], role: str, instruction: str | None) -> torch.Tensor:
+        return self.model("embed_prepared", items, role, instruction)
+
+    def instructions(self) -> tuple[str | None, str | None]:
+        return None, None  # the model config's defaults
+
+    # -- the schedule -----------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return self.config.steps + self.config.hard_negatives.steps
+
+    def uses_negatives(self, step: int) -> bool:
+        """Whether step ``step`` adds each query's mined negatives to the batch."""
+        return step >= self.config.steps
+
+    def before_step(self, step: int) -> None:
+        if step == self.config.steps and self.config.hard_negatives.steps and not self.negatives:
+            if self.accelerator.is_main_process:  # the in-batch-only model, kept for comparison
+                self.embedder.save_pretrained(self.out / IN_BATCH_MODEL)
+            self.negatives = self.mine()
+            if self.accelerator.is_main_process:
+                (self.out / NEGATIVES_FILE).write_text(json.dumps(self.negatives))
+
+    def mine(self) -> dict[int, list[int]]:
+        """Rank the whole pool for each (kept) query with the current model."""
+        hn = self.config.hard_negatives
+        queries = self.pairs.queries_per_group(hn.queries_per_group)
+        q_instr, c_instr = self.instructions()
+        q_vecs, c_vecs = [], []
+        self.model.eval()
+        with torch.no_grad():
+            for start in range(0, len(self.pairs.images), 16):
+                c_vecs.append(self.embed([self.candidate_item(i) for i in
+                                          range(start, min(start + 16, len(self.pairs.images)))], "candidate", c_instr))
+            for start in range(0, len(queries), 32):
+                q_vecs.append(self.embed([self.pairs.captions[q] for q in queries[start : start + 32]], "query", q_instr))
+        scores = MagicEmbedder.similarity(torch.cat(q_vecs), torch.cat(c_vecs))
+        mined = mine_hard_negatives(scores, [self.pairs.owner[q] for q in queries],
+                                    list(range(len(self.pairs.images))), hn.window, hn.count, seed=self.config.seed)
+        return {q: m for q, m in zip(queries, mined)}
+
+    def step_queries(self, step: int) -> list[int]:
+        cfg = self.config
+        if not self.uses_negatives(step):
+            return batch_indices(len(self.pairs.captions), cfg.batch_size, step, cfg.seed, stream=0)
+        pool = sorted(self.negatives)
+        first = 0 if self.uses_negatives(0) else cfg.steps
+        picks = batch_indices(len(pool), cfg.batch_size, step - first, cfg.seed, stream=1)
+        return [pool[i] for i in picks]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.config
+        queries = self.step_queries(step)
+        # this process's share of the global batch (DDP); in-batch negatives are per process
+        queries = queries[self.accelerator.process_index :: self.accelerator.num_processes]
+        candidates: list[int] = []
+        for q in queries:  # positives first, then negatives; each image once
+            if self.pairs.owner[q] not in candidates:
+                candidates.append(self.pairs.owner[q])
+        for q in queries:
+            for n in self.negatives.get(q, []) if self.uses_negatives(step) else []:
+                if n not in candidates:
+                    candidates.append(n)
+        targets = torch.tensor([candidates.index(self.pairs.owner[q]) for q in queries])
+        q_groups = torch.tensor([self.pairs.owner[q] for q in queries])
+        c_groups = torch.tensor(candidates)  # a candidate image is its own group
+        mask = group_mask(q_groups, c_groups, targets)
+        q_instr, c_instr = self.instructions()
+
+        def loss_fn(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            loss = info_nce(q, c, targets, cfg.temperature, mask)
+            if cfg.symmetric:  # image → caption over the positives (other captions of it masked)
+                n_pos = int(targets.max()) + 1
+                first = [int((targets == j).nonzero()[0]) for j in range(n_pos)]
+                back_mask = group_mask(c_groups[:n_pos], q_groups, torch.tensor(first))
+                loss = (loss + info_nce(c[:n_pos], q, torch.tensor(first), cfg.temperature, back_mask)) / 2
+            return loss
+
+        loss = contrastive_backward(
+            lambda items: self.embed(items, "query", q_instr),
+            lambda items: self.embed(items, "candidate", c_instr),
+            [self.pairs.captions[q] for q in queries],
+            [self.candidate_item(c) for c in candidates],
+            loss_fn, cfg.grad_cache_chunk, self.accelerator.backward,
+        )
+        return {"loss": loss, "candidates": float(len(candidates)),
+                "hard_negative_phase": float(self.uses_negatives(step))}

@@ -1,0 +1,79 @@
+"""Stage 3: task-aware fine-tuning with an MLLM judge.
+
+Once per run, the stage-2 model retrieves the top ``retrieve_top`` candidates for
+each query; the ground truth and its group are set aside, and the judge labels
+the rest.  Judged-relevant items are stored as extra positives *for the reranker
+only* (``judgements.json``); the others, in rank order, are the query's hard
+negatives (``hard_negatives`` of them).  Training is then InfoNCE with those
+negatives, the ground truth staying the only positive.  Instructions come from
+the per-task table in the config.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from magic_mm.model.embedder import MagicEmbedder
+from magic_mm.train.judge import CachedJudge, make_judge
+from magic_mm.train.mining import eligible_ranking
+from magic_mm.train.stage2 import NEGATIVES_FILE, ContrastiveTrainer
+
+JUDGEMENTS_FILE = "judgements.json"
+
+
+class JudgedTrainer(ContrastiveTrainer):
+    @property
+    def total_steps(self) -> int:
+        return self.config.steps
+
+    def uses_negatives(self, step: int) -> bool:
+        return True
+
+    def before_step(self, step: int) -> None:
+        pass  # negatives come from the judge, built once in prepare_run
+
+    def instructions(self) -> tuple[str | None, str | None]:
+        table = self.config.stage3.instructions.get(self.config.stage3.task)
+        if table is None:
+            return None, None
+        return table.get("query"), table.get("candidate")
+
+    def prepare_run(self) -> None:
+        super().prepare_run()
+        if not self.negatives:
+            judged = self.judge_pool()
+            self.negatives = {q: j["negatives"] for q, j in judged.items()}
+            if self.accelerator.is_main_process:
+                (self.out / JUDGEMENTS_FILE).write_text(json.dumps(judged, indent=1))
+                (self.out / NEGATIVES_FILE).write_text(json.dumps(self.negatives))
+
+    def judge_pool(self) -> dict[int, dict[str, list[int]]]:
+        cfg = self.config.stage3
+        queries = self.pairs.queries_per_group(self.config.hard_negatives.queries_per_group)
+        q_instr, c_instr = self.instructions()
+        self.model.eval()
+        with torch.no_grad():
+            c_vecs = torch.cat([self.embed([self.candidate_item(i) for i in range(s, min(s + 16, len(self.pairs.images)))],
+                                           "candidate", c_instr) for s in range(0, len(self.pairs.images), 16)])
+            q_vecs = torch.cat([self.embed([self.pairs.captions[q] for q in queries[s : s + 32]], "query", q_instr)
+                                for s in range(0, len(queries), 32)])
+        scores = MagicEmbedder.similarity(q_vecs, c_vecs)
+        judge = CachedJudge(make_judge(cfg.judge), self._cache_path())
+        groups = list(range(len(self.pairs.images)))
+        out: dict[int, dict[str, list[int]]] = {}
+        for row, q in zip(scores, queries):
+            top = eligible_ranking(row, self.pairs.owner[q], groups)[: cfg.retrieve_top]
+            question = cfg.judge.question.format(query=self.pairs.captions[q])
+            relevant = [int(c) for c in top if judge(question, self.pairs.images[c]).relevant]
+            others = [int(c) for c in top if int(c) not in relevant]
+            out[q] = {"positive": [self.pairs.owner[q]], "judged_relevant": relevant,
+                      "negatives": others[: cfg.hard_negatives]}
+        return out
+
+    def _cache_path(self):  # noqa: ANN202
+        from pathlib import Path
+
+        path = Path(self.config.stage3.judge.cache)
+        return path if path.is_absolute() else self.out / path

@@ -1,0 +1,300 @@
+"""Training recipe on tiny random models: losses fall, mining rules, judge, resume, GradCache."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from magic_mm.train.config import ConfigError, TrainConfig, from_dict, load_config
+from magic_mm.train.judge import CachedJudge, Judge, decide, openai_yes_no
+from magic_mm.train.losses import group_mask, info_nce
+from magic_mm.train.mining import eligible_ranking, mine_hard_negatives, sample_window
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 30),
+           "black": (10, 10, 10), "white": (245, 245, 245), "purple": (140, 30, 160), "orange": (250, 140, 20)}
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    """Eight flat-colour images, two captions each, all in the train split."""
+    root = tmp_path_factory.mktemp("toy")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    with (root / "captions.csv").open("w", newline="") as f, (root / "splits.csv").open("w", newline="") as g:
+        caps, splits = csv.writer(f), csv.writer(g)
+        caps.writerow(["image", "caption"])
+        splits.writerow(["image", "split"])
+        for name, colour in COLOURS.items():
+            pixels = (np.array(colour)[None, None] + rng.integers(-10, 10, (48, 48, 3))).clip(0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / "images" / f"{name}.jpg")
+            caps.writerows([[f"{name}.jpg", f"a {name} square"], [f"{name}.jpg", f"all {name}"]])
+            splits.writerow([f"{name}.jpg", "train"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def toy_grids(toy_data) -> Path:
+    """Distinct vision grids for the toy images.
+
+    The tiny random EfficientNet's features are ~1e-9 for every image (so every toy
+    image would look the same); training reads grids from the vision cache, so
+    the tests give it distinguishable ones, as a pretrained encoder would.
+    """
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    grids = {str(toy_data / "images" / f"{name}.jpg"): torch.randn(1, 4, 4, 1280, generator=generator)
+             for name in COLOURS}
+    path = toy_data / "grids.safetensors"
+    save_file(grids, path)
+    return path
+
+
+def toy_config(data: Path, out: Path, stage: str = "stage2", **extra) -> TrainConfig:
+    raw = {"stage": stage, "output": str(out), "model": "tiny-random-composed", "data": {"folder": str(data)},
+           "vision_cache_file": str(data / "grids.safetensors"),
+           "steps": 8, "batch_size": 4, "temperature": 0.1, "checkpoint_every": 3, "show_progress": False,
+           "optim": {"lr": 1e-3, "connector_lr": 1e-3}, **extra}
+    config = from_dict(TrainConfig, raw, "test")
+    config.validate()
+    return config
+
+
+def trainer(config: TrainConfig):  # noqa: ANN201
+    from magic_mm.train.registry import TRAINERS
+
+    return TRAINERS[config.stage](config)
+
+
+def contrastive_loss(t) -> float:  # noqa: ANN001
+    """InfoNCE of every toy caption against every toy image (fixed, for before/after)."""
+    with torch.no_grad():
+        q = t.embed(t.pairs.captions, "query")
+        c = t.embed([t.candidate_item(i) for i in range(len(t.pairs.images))], "candidate")
+    return float(info_nce(q, c, torch.tensor(t.pairs.owner), 0.1))
+
+
+# -- losses and mining ------------------------------------------------------------------
+def test_info_nce_masks_group_members():
+    q = torch.tensor([[1.0, 0.0]])
+    c = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([0])
+    unmasked = info_nce(q, c, targets, 1.0)
+    mask = group_mask(torch.tensor([7]), torch.tensor([7, 7, 3]), targets)
+    assert mask.tolist() == [[False, True, False]]  # same group, not the target
+    masked = info_nce(q, c, targets, 1.0, mask)
+    assert masked < unmasked
+    assert masked == pytest.approx(-math.log(math.e / (math.e + 1)), rel=1e-5)
+
+
+def test_mining_drops_ground_truth_and_its_group():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    groups = ["a", "a", "b", "c", "a", "d"]  # the query belongs to group a
+    ranking = eligible_ranking(scores, "a", groups)
+    assert ranking.tolist() == [2, 3, 5]
+    mined = mine_hard_negatives(np.stack([scores] * 20), ["a"] * 20, groups, window=(0, 2), count=2, seed=1)
+    for row in mined:
+        assert len(row) == 2 and set(row) <= {2, 3} and len(set(row)) == 2
+
+
+def test_mining_samples_only_inside_the_window():
+    n = 200
+    scores = np.linspace(1, 0, n)[None]  # candidate i has rank i
+    groups = list(range(n))
+    for seed in range(10):
+        row = mine_hard_negatives(scores, [0], groups, window=(50, 100), count=2, seed=seed)[0]
+        # group 0 (the ground truth at rank 0) is removed, so ranks shift by one
+        assert all(51 <= c <= 100 for c in row) and len(set(row)) == 2
+
+
+def test_small_pool_slides_the_window_to_its_end():
+    rng = np.random.default_rng(0)
+    ranking = np.arange(30)
+    picked = sample_window(ranking, (50, 100), 2, rng)
+    assert len(picked) == 2 and all(0 <= p < 30 for p in picked)
+    assert sample_window(np.arange(1), (0, 5), 3, rng) == [0]
+
+
+# -- judge ------------------------------------------------------------------------------
+def test_judge_decision_is_logit_yes_above_no():
+    assert decide(2.0, 1.0) is True
+    assert decide(-1.0, 0.5) is False
+    assert decide(0.3, 0.3) is False  # a tie is not relevant
+
+
+def test_openai_reply_is_read_from_top_logprobs():
+    reply = {"choices": [{"message": {"content": "No"}, "logprobs": {"content": [{"top_logprobs": [
+        {"token": "No", "logprob": -0.2}, {"token": " yes", "logprob": -1.9}]}]}}]}
+    yes, no = openai_yes_no(reply)
+    assert (yes, no) == (-1.9, -0.2) and not decide(yes, no)
+    bare = {"choices": [{"message": {"content": "Yes."}}]}
+    assert decide(*openai_yes_no(bare))
+
+
+def test_judge_verdicts_are_cached_on_disk(tmp_path):
+    class Counting(Judge):
+        name = "counting"
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def logits(self, question, image):  # noqa: ANN001, ANN202
+            self.calls += 1
+            return (1.0, 0.0) if "dog" in question else (0.0, 1.0)
+
+    judge = Counting()
+    cached = CachedJudge(judge, tmp_path / "cache.jsonl")
+    assert cached("a dog?", Path("x.jpg")).relevant and not cached("a cat?", Path("x.jpg")).relevant
+    cached("a dog?", Path("x.jpg"))
+    assert judge.calls == 2
+    again = CachedJudge(judge, tmp_path / "cache.jsonl")  # a rerun reads the file
+    assert again("a dog?", Path("x.jpg")).relevant and judge.calls == 2
+
+
+# -- configs ----------------------------------------------------------------------------
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage: stage2\noutput: out\nbatch_sise: 4\n")
+    with pytest.raises(ConfigError, match="batch_sise"):
+        load_config(path)
+    path.write_text("stage: stage2\noutput: out\nhard_negatives: {window: [100, 50]}\n")
+    with pytest.raises(ConfigError, match="window"):
+        load_config(path)
+    path.write_text("stage: stage1\noutput: out\n")
+    with pytest.raises(ConfigError, match="magic-mm train stage1"):
+        load_config(path, expect_stage="stage2")
+    with pytest.raises(ConfigError, match="no such config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_a_bad_config_without_traceback(run_cli, tmp_path):
+    code, _, err = run_cli("train", "stage2", "--config", tmp_path / "nope.yaml")
+    assert code == 2 and "no such config file" in err and "Traceback" not in err
+
+
+# -- the stages -------------------------------------------------------------------------
+def test_stage2_loss_goes_down_and_mines_hard_negatives(toy_data, toy_grids, tmp_path):
+    config = toy_config(toy_data, tmp_path / "s2", steps=10, batch_size=8,
+                        hard_negatives={"steps": 2, "window": [1, 4], "count": 2})
+    t = trainer(config)
+    t.prepare_run()
+    before = contrastive_loss(t)
+    folder = t.run()
+    after = contrastive_loss(t)
+    assert after < before - 0.2, (before, after)
+    negatives = json.loads((tmp_path / "s2" / "hard_negatives.json").read_text())
+    for q, negs in negatives.items():
+        assert t.pairs.owner[int(q)] not in negs and len(negs) == 2
+    assert (tmp_path / "s2" / "model-in-batch" / "weights.safetensors").is_file()
+    log = [json.loads(line) for line in (tmp_path / "s2" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13)) and all("lr" in r for r in log)
+    from magic_mm import MagicEmbedder
+
+    saved = MagicEmbedder.from_pretrained(folder)
+    assert saved.config.lora is not None
+
+
+def test_stage1_loss_goes_down(toy_data, toy_grids, tmp_path):
+    config = toy_config(toy_data, tmp_path / "s1", stage="stage1", steps=10,
+                        stage1={"text_instructions": [{"prompt": "Say hi.", "answer": "hi"}]})
+    t = trainer(config)
+    t.prepare_run()
+    from magic_mm.model.generative import build_batch, logits
+    from magic_mm.train.features import precomputed_vision
+    from magic_mm.train.losses import answer_token_loss
+
+    def loss() -> float:
+        with torch.no_grad(), precomputed_vision(t.embedder.backbone):
+            batch = build_batch(t.embedder, [t.example(i) for i in range(len(t.examples))])
+            return float(answer_token_loss(logits(t.embedder, batch), batch.labels))
+
+    before = loss()
+    t.run()
+    assert loss() < before - 0.1
+    assert t.examples[-1] == (None, "Say hi.", "hi")
+
+
+def test_stage3_judges_and_trains_and_reranker_learns(toy_data, toy_grids, tmp_path):
+    from magic_mm.model.reranker import MagicReranker
+
+    base = toy_config(toy_data, tmp_path / "base", stage="stage1", steps=1)
+    judge_folder = trainer(base).run()  # a (barely) stage-1 model as the judge
+    config = toy_config(toy_data, tmp_path / "s3", stage="stage3", steps=4, stage3={
+        "retrieve_top": 5, "hard_negatives": 3, "task": "colours",
+        "instructions": {"colours": {"query": "Find the colour.", "candidate": "Represent the colour."}},
+        "judge": {"kind": "self", "model": str(judge_folder)}})
+    t = trainer(config)
+    assert t.instructions() == ("Find the colour.", "Represent the colour.")
+    t.run()
+    judged = json.loads((tmp_path / "s3" / "judgements.json").read_text())
+    assert len(judged) == 16
+    for q, j in judged.items():
+        owner = t.pairs.owner[int(q)]
+        assert j["positive"] == [owner]  # the ground truth stays the only InfoNCE positive
+        assert owner not in j["negatives"] and owner not in j["judged_relevant"]
+        assert not set(j["negatives"]) & set(j["judged_relevant"]) and len(j["negatives"]) <= 3
+    cache_lines = (tmp_path / "s3" / "judge_cache.jsonl").read_text().splitlines()
+    assert len(cache_lines) == 16 * 5
+
+    rr = toy_config(toy_data, tmp_path / "rr", stage="reranker", model=str(judge_folder), steps=8,
+                    reranker={"candidates_from": str(tmp_path / "s3"), "negatives": [2, 3]})
+    rt = trainer(rr)
+    rt.prepare_run()
+    assert rt.queries == sorted(int(q) for q in judged)
+    rt.run()
+    log = [json.loads(line) for line in (tmp_path / "rr" / "train_log.jsonl").read_text().splitlines()]
+    assert np.mean([r["loss"] for r in log[-3:]]) < np.mean([r["loss"] for r in log[:3]])
+    reranker = MagicReranker.from_pretrained(tmp_path / "rr" / "model")
+    hits = reranker.rerank("a red square", [toy_data / "images" / f"{c}.jpg" for c in COLOURS], top_k=3)
+    assert sorted(h.index for h in hits) == [0, 1, 2]
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_reranker_folder_errors(tmp_path):
+    from magic_mm.errors import ModelFolderError
+    from magic_mm.model.reranker import MagicReranker
+
+    with pytest.raises(ModelFolderError, match="not a reranker folder"):
+        MagicReranker.from_pretrained(tmp_path)
+
+
+# -- resume and GradCache ---------------------------------------------------------------
+def test_resume_after_a_kill_matches_an_uninterrupted_run(toy_data, toy_grids, tmp_path):
+    from magic_mm.train.loop import StopTraining
+
+    extra = {"steps": 5, "hard_negatives": {"steps": 3, "window": [1, 4], "count": 1}, "checkpoint_every": 2}
+    whole = trainer(toy_config(toy_data, tmp_path / "whole", **extra))
+    whole.run()
+    first = trainer(toy_config(toy_data, tmp_path / "split", **extra))
+    with pytest.raises(StopTraining):
+        first.run(stop_after=5)  # killed after step 5; the last checkpoint is step 4
+    resumed = trainer(toy_config(toy_data, tmp_path / "split", **extra))
+    resumed.run()
+    a, b = whole.trained_state(), resumed.trained_state()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    log = [json.loads(line) for line in (tmp_path / "split" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))  # no step lost or repeated
+    whole_log = [json.loads(line) for line in (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in whole_log], rel=1e-4)
+
+
+def test_gradcache_gives_the_gradients_of_a_plain_step(toy_data, toy_grids, tmp_path):
+    grads = []
+    for chunk in (None, 2):
+        t = trainer(toy_config(toy_data, tmp_path / f"gc{chunk}", grad_cache_chunk=chunk, batch_size=6))
+        t.prepare_run()
+        t.train_step(0)
+        grads.append({k: p.grad.clone() for k, p in t.embedder.trained_parameters().items() if p.grad is not None})
+    plain, cached = grads
+    assert plain.keys() == cached.keys() and plain
+    for key in plain:
+        torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-6)
