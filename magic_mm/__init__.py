@@ -7,5 +7,6 @@ __version__ = "0.1.0"
 from magic_mm.errors import UserError  # noqa: E402
 from magic_mm.model.embedder import MagicEmbedder  # noqa: E402
 from magic_mm.model.inputs import MMInput  # noqa: E402
+from magic_mm.model.reranker import MagicReranker  # noqa: E402
 
-__all__ = ["MagicEmbedder", "MMInput", "UserError", "__version__"]
+__all__ = ["MagicEmbedder", "MagicReranker", "MMInput", "UserError", "__version__"]

@@ -236,6 +236,7 @@ def demo(
 from magic_mm.eval.commands import register as _register_eval  # noqa: E402  (eval, convert, bench)
 
 _register_eval(app)
+from magic_mm.train.commands import register as _register_train; _register_train(app)  # noqa: E402,E702  (train …)
 from magic_mm.serve.commands import register as _register_serve; _register_serve(app)  # noqa: E402,E702  (index, search, serve)
 
 
