@@ -221,7 +221,7 @@ def test_cli_index_and_search(run_cli, tmp_path):
 
 
 def test_killed_indexing_run_resumes_to_exactly_one_row_per_page(tmp_path, tiny_composed):
-    """SIGKILL a real `magic-mm index` process mid-run (twice), then finish: every page exactly once."""
+    """SIGKILL a real `magic-mm index` process mid-run, change a file, run again: every page exactly once."""
     docs = tmp_path / "docs"
     pages = make_docs(docs, images=10, pdfs={"a.pdf": 3, "b.pdf": 2})
     db = tmp_path / "kill.lance"
@@ -252,7 +252,6 @@ def test_killed_indexing_run_resumes_to_exactly_one_row_per_page(tmp_path, tiny_
     partial = rows_per_page(db)
     assert 0 < sum(partial.values()) < pages
     make_image(48, 40, seed=500).save(docs / "photo_000.png")  # a file changes between runs
-    run_and_kill(after_commits=4)
 
     done = subprocess.run(command + ["--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
