@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--nprobes", type=int, default=20)
+    parser.add_argument("--nprobes", type=int, nargs="+", default=[20, 100], help="IVF partitions searched")
     parser.add_argument("--refine", type=int, default=10, help="IVF-PQ refine factor (re-scores k×refine exactly)")
     parser.add_argument("--ef", type=int, default=200, help="HNSW search breadth")
     parser.add_argument("--kinds", nargs="+", default=["ivf-pq", "hnsw"])
@@ -89,24 +89,25 @@ def main() -> None:
             table = make_table(folder, n, args.dim, seed=n)
             print(f"[{n:,} × {args.dim}] table written in {time.perf_counter() - started:.1f} s", flush=True)
             queries = unit_vectors(np.random.default_rng(1), args.queries, args.dim)
-            truth, exact_qps = run_queries(table, queries, args.k, "exact", args.nprobes, None)
+            truth, exact_qps = run_queries(table, queries, args.k, "exact", 0, None)
             rows.append((n, "exact (brute force)", "-", 1.0, exact_qps))
             print(f"  exact: {exact_qps:.1f} QPS", flush=True)
             for kind in args.kinds:
                 started = time.perf_counter()
                 build_ann_index(table, kind, n, args.dim)
                 build_s = time.perf_counter() - started
-                found, qps = run_queries(table, queries, args.k, kind, args.nprobes,
-                                         args.refine if kind == "ivf-pq" else None, args.ef)
-                rows.append((n, kind, f"{build_s:.1f}", recall(found, truth, args.k), qps))
-                print(f"  {kind}: built in {build_s:.1f} s, recall@{args.k} {rows[-1][3]:.3f}, {qps:.1f} QPS",
-                      flush=True)
+                for nprobes in args.nprobes:
+                    found, qps = run_queries(table, queries, args.k, kind, nprobes,
+                                             args.refine if kind == "ivf-pq" else None, args.ef)
+                    rows.append((n, f"{kind}, nprobes {nprobes}", f"{build_s:.1f}", recall(found, truth, args.k), qps))
+                    print(f"  {rows[-1][1]}: built in {build_s:.1f} s, recall@{args.k} {rows[-1][3]:.3f}, "
+                          f"{qps:.1f} QPS", flush=True)
                 table.drop_index("vector_idx")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
     print(f"\nANN vs exact search · {args.queries} random queries · dim {args.dim} · k={args.k} · "
-          f"nprobes {args.nprobes} · IVF-PQ refine ×{args.refine} · HNSW ef {args.ef}\n")
+          f"IVF-PQ refine ×{args.refine} · HNSW ef {args.ef}\n")
     print(f"| vectors | search | index build (s) | recall@{args.k} | QPS | QPS vs exact |")
     print("|---:|---|---:|---:|---:|---:|")
     exact = {n: qps for n, kind, _, _, qps in rows if kind.startswith("exact")}
