@@ -10,9 +10,9 @@ tower, compression, connector, LM), and time it with ``none`` and ``bilinear:2``
 swapped on the same weights.  Repetitions are interleaved (s = 1, s = 2, s = 1, …)
 so drift and other load on the machine hit both alike; one untimed warm-up run of
 each comes first.  Prints a table of medians and ratios; ``--json`` writes the
-raw numbers too.  Note: the tiny models' byte-level tokenizer stands in for the
-real one, so the short prompt text costs a few more tokens than with the real
-tokenizer (the same for s = 1 and s = 2).
+raw numbers too.  Note: a byte-level tokenizer (with the image / tile markers as
+single tokens) stands in for the real one, so the prompt's plain text costs a few
+more tokens than with the real tokenizer (the same for s = 1 and s = 2).
 """
 
 from __future__ import annotations
@@ -59,14 +59,15 @@ class Row:
     shape: str
     parameters: int
     image_size: str
+    budget: str  # the token-budget setting (Qwen-VL max_pixels, Idefics3 longest_edge)
     tiles: int
     tokens: dict[str, int]
     candidate_seq_len: dict[str, int]
     latency_s: dict[str, list[float]]
     load_s: float
 
-    def median(self, variant: str) -> float:
-        return statistics.median(self.latency_s[variant])
+    def median(self, variant: str) -> float | None:
+        return statistics.median(self.latency_s[variant]) if self.latency_s[variant] else None
 
 
 def natural_image(width: int, height: int) -> Image.Image:
@@ -98,7 +99,7 @@ def bench_model(name: str, args: argparse.Namespace, image: Image.Image) -> Row:
             instruction = model.config.instructions["candidate"]
             seq_len[variant] = int(model._sequence(prepared, visual, "candidate", instruction).shape[0])
     timings: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for rep in range(-1, args.reps):  # rep -1: untimed warm-up
+    for rep in range(-1 if args.reps else 0, args.reps):  # rep -1: untimed warm-up; --reps 0: tokens only
         for variant in VARIANTS:
             backbone.compression = Compression.parse(variant)
             t0 = time.perf_counter()
@@ -107,7 +108,9 @@ def bench_model(name: str, args: argparse.Namespace, image: Image.Image) -> Row:
             if rep >= 0:
                 timings[variant].append(elapsed)
             print(f"  {name} {variant:<11} rep {rep:>2}: {elapsed:7.2f} s", file=sys.stderr, flush=True)
-    row = Row(name, shape, sum(p.numel() for p in model.parameters()), f"{width}x{height}",
+    vision = backbone.describe_parts()["vision"]
+    budget = next(f"{k}={vision[k]}" for k in ("max_pixels", "longest_edge") if k in vision)
+    row = Row(name, shape, sum(p.numel() for p in model.parameters()), f"{width}x{height}", budget,
               len(backbone.tiles_for_size(width, height)), tokens, seq_len, timings, round(load_s, 1))
     del model, backbone
     gc.collect()
@@ -117,16 +120,18 @@ def bench_model(name: str, args: argparse.Namespace, image: Image.Image) -> Row:
 def table(rows: list[Row]) -> str:
     s1, s2 = VARIANTS
     lines = [
-        "| family (shape, random init) | params | image | tiles | visual tokens s=1 → s=2 | candidate seq len "
-        "s=1 → s=2 | candidate latency s=1 | s=2 | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| family (shape, random init) | params | image | budget | tiles | visual tokens s=1 → s=2 "
+        "| candidate seq len s=1 → s=2 | candidate latency s=1 | s=2 | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {MODELS[r.model][0]} ({r.shape}) | {r.parameters / 1e9:.2f} B | {r.image_size} | {r.tiles} "
+            f"| {MODELS[r.model][0]} ({r.shape}) | {r.parameters / 1e9:.2f} B | {r.image_size} | {r.budget} "
+            f"| {r.tiles} "
             f"| {r.tokens[s1]} → {r.tokens[s2]} ({r.tokens[s1] / r.tokens[s2]:.1f}× fewer) "
             f"| {r.candidate_seq_len[s1]} → {r.candidate_seq_len[s2]} "
-            f"| {r.median(s1):.2f} s | {r.median(s2):.2f} s | {r.median(s1) / r.median(s2):.2f}× |"
+            + (f"| {r.median(s1):.2f} s | {r.median(s2):.2f} s | {r.median(s1) / r.median(s2):.2f}× |"
+               if r.median(s1) and r.median(s2) else "| – | – | – |")
         )
     return "\n".join(lines)
 
@@ -135,7 +140,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["qwen2_vl", "smolvlm"], choices=sorted(MODELS))
     parser.add_argument("--image-size", default="448x448", help="WIDTHxHEIGHT of the candidate image")
-    parser.add_argument("--reps", type=int, default=3, help="timed, interleaved repetitions per variant")
+    parser.add_argument("--reps", type=int, default=3,
+                        help="timed, interleaved repetitions per variant (0: tokens only)")
     parser.add_argument("--max-pixels", type=int, default=None, help="Qwen-VL pixel budget (default: processor's)")
     parser.add_argument("--longest-edge", type=int, default=None,
                         help="Idefics3/SmolVLM resize target before tiling (default: the model's)")

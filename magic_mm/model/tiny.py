@@ -25,3 +25,13 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
     fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[3:]})
     return fast
+
+
+def byte_tokenizer_with(tokens: list[str]) -> PreTrainedTokenizerFast:
+    """A copy of ``byte_tokenizer`` where ``tokens`` (e.g. a family's image markers) are single
+    tokens, as in the real tokenizers; for full-size random models, whose vocabularies are large."""
+    import copy
+
+    tokenizer = copy.deepcopy(byte_tokenizer())
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+    return tokenizer

@@ -93,12 +93,15 @@ class Idefics3Backbone(Backbone):
             variant = str(spec.get("variant", "smolvlm"))
             if variant not in VARIANTS:
                 raise ModelFolderError(f"unknown idefics3 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-            from magic_mm.model.tiny import byte_tokenizer
+            from magic_mm.model.tiny import byte_tokenizer, byte_tokenizer_with
 
             config, settings = tiny_config(variant) if base == TINY else full_size_config(variant)
+            # Full-size vocabularies have room for the tile markers as single tokens, as in the real ones.
+            markers = [FAKE_TOKEN, GLOBAL_TOKEN] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+            tokenizer = byte_tokenizer() if base == TINY else byte_tokenizer_with(markers)
             torch.manual_seed(0)
             model = getattr(transformers, VARIANTS[variant].model_class)(config).eval()
-            return cls(spec, compression, model, byte_tokenizer(), _processor(variant, None, settings, spec), variant)
+            return cls(spec, compression, model, tokenizer, _processor(variant, None, settings, spec), variant)
         folder = Path(str(base)) if base else None
         if folder is None or not (folder / "config.json").is_file():
             raise ModelFolderError(
@@ -142,9 +145,13 @@ class Idefics3Backbone(Backbone):
         return (height // self.scale) * (width // self.scale)
 
     # -- the pipeline ---------------------------------------------------------------
+    def _tiles_and_layout(self, image: Image.Image) -> tuple[torch.Tensor, int, int]:
+        out = self.processor(images=[[image]], return_tensors="pt", return_row_col_info=True)
+        return out["pixel_values"][0], int(out["rows"][0][0]), int(out["cols"][0][0])
+
     def image_tiles(self, image: Image.Image) -> torch.Tensor:
         """``(T, 3, tile, tile)``: rows × cols split tiles in row-major order, then the global tile."""
-        return self.processor(images=[[image]], return_tensors="pt")["pixel_values"][0]
+        return self._tiles_and_layout(image)[0]
 
     def vision_grid(self, pixels: torch.Tensor) -> torch.Tensor:
         states = self.model.model.vision_model(pixel_values=pixels, return_dict=True).last_hidden_state
@@ -169,12 +176,10 @@ class Idefics3Backbone(Backbone):
     def encode_images(self, images: list[Image.Image]) -> list[torch.Tensor]:
         """Visual tokens of every tile, interleaved with the tile-marker text embeddings."""
         if not all(isinstance(img, Image.Image) for img in images):
-            raise TypeError("idefics3 lays out its tile markers from each image's size; pass images")
-        markers = [self.tile_markers(*self.tile_layout(*img.size)) for img in images]
-        tiles = [self.image_tiles(img) for img in images]
-        if any(len(t) != len(m) - 1 for t, m in zip(tiles, markers)):
-            raise RuntimeError("the image processor cut a different number of tiles than its layout says")
-        grid = self.vision_grid(torch.cat(tiles).to(self.device, self.dtype))
+            raise TypeError("idefics3 lays out its tile markers from each image's tiling; pass images")
+        prepared = [self._tiles_and_layout(img) for img in images]
+        markers = [self.tile_markers(rows, cols) for _, rows, cols in prepared]
+        grid = self.vision_grid(torch.cat([tiles for tiles, _, _ in prepared]).to(self.device, self.dtype))
         grid = self.compression(grid, target=self.token_grid(grid.shape[1], grid.shape[2]))
         tokens = self.connect(grid)
         out, start = [], 0

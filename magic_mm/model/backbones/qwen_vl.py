@@ -130,13 +130,15 @@ class QwenVLBackbone(Backbone):
             if variant not in VARIANTS:
                 raise ModelFolderError(f"unknown qwen_vl variant {variant!r}; choose one of {', '.join(VARIANTS)}")
             config = tiny_config(variant) if base == TINY else full_size_config(variant)
-            from magic_mm.model.tiny import byte_tokenizer
+            from magic_mm.model.tiny import byte_tokenizer, byte_tokenizer_with
 
+            # Full-size vocabularies have room for the image markers as single tokens, as in Qwen's own.
+            tokenizer = byte_tokenizer() if base == TINY else byte_tokenizer_with(list(cls.image_wrap))
             torch.manual_seed(0)
             model = getattr(transformers, VARIANTS[variant].model_class)(config).eval()
             kind = VARIANTS[variant]
             processor = _processor(None, config, kind, spec, default_max_pixels=224 * 224 if base == TINY else None)
-            return cls(spec, compression, model, byte_tokenizer(), processor, variant)
+            return cls(spec, compression, model, tokenizer, processor, variant)
         folder = Path(str(base)) if base else None
         if folder is None or not (folder / "config.json").is_file():
             raise ModelFolderError(
