@@ -83,3 +83,25 @@ def test_bench_command_end_to_end(run_cli, tmp_path):
     assert set(res["model"]["variants"]) == {"none", "bilinear:2"}
     assert res["model"]["variants"]["bilinear:2"]["ratios"]["visual_tokens"] == 0.25
     assert (tmp_path / "b.png").is_file()
+
+
+def test_an_architecture_without_room_is_skipped_not_fatal(monkeypatch):
+    import magic_mm.eval.bench as bench
+    from magic_mm.eval.commands import bench_table
+
+    def no_room(needed, label, timeout_s=0.0):
+        raise bench.NotEnoughMemory(f"{label}: needs about 9.8 GiB of free memory")
+
+    monkeypatch.setattr(bench, "wait_for_memory", no_room)
+    job = {**JOB, "target": {"kind": "internvl-random", "arch": "internvl3-2b"}}
+    raw = bench.time_job(job)
+    mem = bench.memory_job({**job, "variants": ["none"]})
+    assert mem["peak_mib"] is None and "9.8 GiB" in mem["skipped"]
+    rows = {v: bench.summarise(raw[v], mem) for v in raw}
+    bench.add_ratios(rows)
+    assert rows["none"]["skipped"].startswith("internvl3-2b") and rows["none"]["ratios"]["candidate_ms"] is None
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(bench_table("t", {"variants": rows, "batch": 0}))
+    assert "skipped: internvl3-2b" in console.export_text()

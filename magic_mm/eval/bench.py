@@ -204,6 +204,10 @@ def random_internvl(arch: str, compression: str) -> Any:
                          backbone).eval()
 
 
+class NotEnoughMemory(UserError):
+    """The machine has no room for a model right now."""
+
+
 # fp32 bytes of the random models (parameters only), to wait for room on a shared machine.
 ARCH_BYTES = {"internvl3-1b": 0.94e9 * 4, "internvl3-2b": 2.1e9 * 4}
 
@@ -218,19 +222,19 @@ def wait_for_memory(needed: float, label: str, timeout_s: float = 900.0) -> None
         if available >= needed * 1.25:
             return
         if time.monotonic() > deadline:
-            raise UserError(f"{label}: needs about {needed / 2**30:.1f} GiB of free memory, only "
+            raise NotEnoughMemory(f"{label}: needs about {needed / 2**30:.1f} GiB of free memory, only "
                             f"{available / 2**30:.1f} GiB available; retry when the machine is less busy")
         time.sleep(10)
 
 
-def build_subject(target: dict[str, Any], compression: str) -> Any:
+def build_subject(target: dict[str, Any], compression: str, memory_wait_s: float = 600.0) -> Any:
     if target["kind"] == "embedder":
         from magic_mm import MagicEmbedder
 
         return EmbedderSubject(MagicEmbedder.from_pretrained(target["model"], compression=compression))
     if target["kind"] == "clip":
         return ClipSubject()
-    wait_for_memory(ARCH_BYTES[target["arch"]], target["arch"])
+    wait_for_memory(ARCH_BYTES[target["arch"]], target["arch"], memory_wait_s)
     return EmbedderSubject(random_internvl(target["arch"], compression))
 
 
@@ -268,7 +272,11 @@ def _timed(fn: Any, *args: Any) -> float:
 def time_job(job: dict[str, Any]) -> dict[str, Any]:
     """All variants of one target in this process, repetitions interleaved."""
     variants = job["variants"]
-    subject = build_subject(job["target"], variants[0])
+    try:
+        subject = build_subject(job["target"], variants[0])
+    except NotEnoughMemory as exc:  # reported as skipped; the rest of the benchmark goes on
+        return {v: {"skipped": str(exc), "visual_tokens": None, "query_seq_len": None, "candidate_seq_len": None,
+                    "query_ms": [], "candidate_ms": [], "throughput": []} for v in variants}
     texts, images = bench_inputs(Path(job["data"]), max(job["items"], job["batch"], 1))
     raw: dict[str, dict[str, list[float]]] = {v: {"query_ms": [], "candidate_ms": [], "throughput": []}
                                               for v in variants}
@@ -295,7 +303,11 @@ def memory_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     variant = job["variants"][0]
-    subject = build_subject(job["target"], variant)
+    try:
+        # Short wait: if the timing run found room, this one will too.
+        subject = build_subject(job["target"], variant, memory_wait_s=60.0)
+    except NotEnoughMemory as exc:
+        return {"skipped": str(exc), "rss_loaded_mib": None, "peak_mib": None, "batch": max(job["batch"], 1)}
     subject.set_variant(variant)
     loaded = rss_mib()
     texts, images = bench_inputs(Path(job["data"]), max(job["batch"], 1))
@@ -347,6 +359,7 @@ def summarise(raw: dict[str, Any], memory: dict[str, Any] | None) -> dict[str, A
         return {"median": float(np.median(values)), "p95": float(np.percentile(values, 95)), "n": len(values)}
 
     return {
+        **({"skipped": raw["skipped"]} if raw.get("skipped") else {}),
         "visual_tokens": raw["visual_tokens"], "query_seq_len": raw["query_seq_len"],
         "candidate_seq_len": raw["candidate_seq_len"],
         "query_ms": stats(raw["query_ms"]), "candidate_ms": stats(raw["candidate_ms"]),

@@ -184,6 +184,9 @@ def bench_table(title: str, res: dict[str, Any]) -> Table:
     for name, r in rows.items():
         mem = r["memory"]["peak_mib"] if r.get("memory") else None
         thr = r["throughput_per_s"]["median"] if r.get("throughput_per_s") else None
+        if r.get("skipped"):
+            table.add_row(name, f"skipped: {r['skipped']}")
+            continue
         cells = [name, str(r["visual_tokens"]), f"{r['query_seq_len']} / {r['candidate_seq_len']}",
                  ms(r["query_ms"]), ms(r["candidate_ms"]), "—" if thr is None else f"{thr:.2f}",
                  "—" if mem is None else f"{mem:.0f}", ratio(r["ratios"]["visual_tokens"]),
