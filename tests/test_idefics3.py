@@ -106,9 +106,11 @@ def test_stage2_training_step_with_lora_and_round_trip(variant, tmp_path):
     assert np.abs(MagicEmbedder.from_pretrained(tmp_path / "saved").encode(mixed_inputs()[:1]) - fresh).max() > 1e-4
 
 
-def test_tiny_random_name_and_info():
-    info = MagicEmbedder.from_pretrained("tiny-random-idefics3").info((150, 100))
-    assert info["family"] == "idefics3" and info["visual_tokens"] == {"none": 80, "bilinear:2": 20}
+def test_cli_info_reports_family_and_tokens(run_cli):
+    code, out, _ = run_cli("info", "--model", "tiny-random-idefics3", "--image-size", "150x100", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["family"] == "idefics3" and info["tiles_per_image"] == 5
+    assert info["visual_tokens"] == {"none": 80, "bilinear:2": 20}
 
 
 def test_raw_checkpoint_folder_with_local_tokenizer(tmp_path):
