@@ -51,7 +51,7 @@ def eval_command(
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    out.print(markdown_table(summary), highlight=False)
+    print(markdown_table(summary))  # plain print: rich would re-wrap the Markdown lines
     out.print(f"embedded {summary['embedded_now']} new item(s); wrote {out_dir}/results.md, summary.json "
               f"and one JSON per task", highlight=False)
 
