@@ -134,10 +134,11 @@ def test_stage2_training_step_with_lora_and_round_trip(variant, tmp_path):
     assert np.abs(MagicEmbedder.from_pretrained(tmp_path / "saved").encode(mixed_inputs()[:1]) - fresh).max() > 1e-4
 
 
-def test_tiny_random_name_and_info():
-    model = MagicEmbedder.from_pretrained("tiny-random-qwen_vl")
-    info = model.info((150, 100))
-    assert info["family"] == "qwen_vl" and info["visual_tokens"] == {"none": 20, "bilinear:2": 6}
+def test_cli_info_reports_family_and_tokens(run_cli):
+    code, out, _ = run_cli("info", "--model", "tiny-random-qwen_vl", "--image-size", "150x100", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["family"] == "qwen_vl" and info["tiles_per_image"] == 1
+    assert info["visual_tokens"] == {"none": 20, "bilinear:2": 6}
 
 
 def test_raw_checkpoint_folder_with_local_tokenizer(tmp_path):
@@ -167,3 +168,17 @@ def test_bad_configurations_are_user_errors(tmp_path):
         QwenVLBackbone.build({"base": str(folder)}, Compression())
     with pytest.raises(ModelFolderError, match="not found"):
         QwenVLBackbone.build({"base": str(tmp_path / "missing")}, Compression())
+
+
+def test_readme_families_example_runs(capsys):
+    """The Python example of the README's backbone-families section runs and prints what it says."""
+    import re
+
+    from conftest import REPO
+
+    section = (REPO / "README.md").read_text().split("## More backbone families", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    expected = [line.split("# ", 1)[1].strip() for line in code.splitlines() if line.startswith("print(")]
+    assert printed == expected
