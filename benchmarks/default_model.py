@@ -5,9 +5,8 @@ flickr8k-1k, visual tokens per image and median encode time per image, for each 
         --row "stage 2, in-batch=runs/default-model/stage2-s2/inbatch" --out results/default_model.json
 
 A row is ``LABEL=MODEL[@COMPRESSION]`` where MODEL is a saved folder, ``magic-mm-tiny``, or
-``base`` (the untrained default parts).  ``LABEL=dual:FOLDER`` is a dual-encoder
-baseline saved by ``benchmarks/dual_encoder.py``; ``LABEL=rerank:EMBEDDER+RERANKER`` reranks
-the embedder's top 5 with a MagicReranker folder.  All rows are measured in one run, one
+``base`` (the untrained default parts).  ``LABEL=rerank:EMBEDDER+RERANKER`` reranks the
+embedder's top 5 (text→image) with a MagicReranker folder.  All rows are measured in one run, one
 after another, so their timings are comparable.
 """
 
@@ -61,21 +60,12 @@ def encode_timed(embedder, paths: list[Path]) -> tuple[np.ndarray, list[float]]:
 def evaluate_row(label: str, spec: str, items, captions, owner) -> dict:  # noqa: ANN001
     paths = [i.path for i in items]
     rerank = None
-    if spec.startswith("dual:"):
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from dual_encoder import DualEncoder
-
-        model = DualEncoder.load(Path(spec[len("dual:"):]))
-        img, times = model.encode_images_timed(paths)
-        txt = model.encode_texts(captions)
-        tokens = "n/a (pooled vector)"
-    else:
-        if spec.startswith("rerank:"):
-            spec, _, rerank = spec[len("rerank:"):].partition("+")
-        embedder = load_embedder(spec)
-        img, times = encode_timed(embedder, paths)
-        txt = embedder.encode(captions, role="query", batch_size=32)
-        tokens = embedder.backbone.visual_tokens(448, 448)
+    if spec.startswith("rerank:"):
+        spec, _, rerank = spec[len("rerank:"):].partition("+")
+    embedder = load_embedder(spec)
+    img, times = encode_timed(embedder, paths)
+    txt = embedder.encode(captions, role="query", batch_size=32)
+    tokens = embedder.backbone.visual_tokens(448, 448)
     scores = txt @ img.T
     t2i = recalls(scores, [{o} for o in owner])
     if rerank:
