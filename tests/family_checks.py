@@ -41,7 +41,9 @@ def assert_batch_invariant(model: MagicEmbedder) -> None:
 
 
 def info_nce_step(model: MagicEmbedder, lr: float = 1e-2) -> tuple[float, float]:
-    """One stage-2 step (InfoNCE, τ = 0.03, in-batch negatives) with LoRA; returns (loss before, after)."""
+    """One stage-2 step with LoRA (the trainer's InfoNCE, τ = 0.03, in-batch negatives) → loss before, after."""
+    from magic_mm.train.losses import info_nce
+
     model.add_lora(LoraSettings(rank=4, alpha=8))
     model.train()
     params = list(model.trained_parameters().values())
@@ -52,9 +54,8 @@ def info_nce_step(model: MagicEmbedder, lr: float = 1e-2) -> tuple[float, float]
     candidates = model.prepare([make_image(80, 80, seed=5), make_image(64, 128, seed=6), make_image(200, 50, seed=7)])
 
     def loss() -> torch.Tensor:
-        q = torch.nn.functional.normalize(model.embed_prepared(queries, "query"), dim=-1)
-        c = torch.nn.functional.normalize(model.embed_prepared(candidates, "candidate"), dim=-1)
-        return torch.nn.functional.cross_entropy(q @ c.T / 0.03, torch.arange(len(q)))
+        q, c = model.embed_prepared(queries, "query"), model.embed_prepared(candidates, "candidate")
+        return info_nce(q, c, torch.arange(len(q)), temperature=0.03)
 
     before = loss()
     optimiser.zero_grad()
