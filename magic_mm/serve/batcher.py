@@ -119,19 +119,35 @@ class MicroBatcher:
         for (role, instruction), members in groups.items():
             items = [item for job in members for item in job.items]
             try:
-                vectors = self.embed_fn(items, role, instruction)
+                vectors = self._embed_by_modality(items, role, instruction)
             except Exception as exc:  # handed to the waiting requests, which answer with an error
                 for job in members:
                     _resolve(job, exc)
                 continue
-            self.stats.batches += 1
-            self.stats.inputs += len(items)
             self.stats.requests += len(members)
-            self.stats.sizes.append(len(items))
             start = 0
             for job in members:
                 _resolve(job, vectors[start : start + len(job.items)])
                 start += len(job.items)
+
+
+    def _embed_by_modality(self, items: list[PreparedInput], role: str, instruction: str | None) -> np.ndarray:
+        """Texts and image inputs in separate passes: a short text padded to an image prompt's
+        length (~60 visual and prompt tokens) would cost as much as the image."""
+        buckets: dict[bool, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            buckets[item.image is not None].append(i)
+        out: np.ndarray | None = None
+        for indices in buckets.values():
+            vectors = self.embed_fn([items[i] for i in indices], role, instruction)
+            if out is None:
+                out = np.empty((len(items), vectors.shape[1]), dtype=vectors.dtype)
+            out[indices] = vectors
+            self.stats.batches += 1
+            self.stats.inputs += len(indices)
+            self.stats.sizes.append(len(indices))
+        assert out is not None
+        return out
 
 
 def _resolve(job: _Job, value: np.ndarray | BaseException) -> None:
