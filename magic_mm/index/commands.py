@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -122,13 +123,24 @@ def search(
         return
     title = " + ".join(part for part in (f"“{query.text}”" if query.text else "",
                                          f"image {image}" if image else "") if part)
-    table = Table(title=f"{title}{'  (reranked)' if rerank else ''}", title_justify="left")
+    paths = [short_path(h.path) for h in hits]
+    # Results usually share a folder: name it once, so the rows fit a terminal.
+    folder = os.path.dirname(paths[0]) if len(paths) > 1 and len({os.path.dirname(p) for p in paths}) == 1 else ""
+    out.print(f"{title}{'  (reranked)' if rerank else ''}" + (f"  · in {folder}/" if folder else ""),
+              highlight=False, soft_wrap=True)
+    table = Table()
     for column, justify in (("rank", "right"), ("score", "right"), ("path", "left"), ("page", "right")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for hit in hits:
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for hit, path in zip(hits, paths):
         page = f"{hit.page}/{hit.pages}" if hit.kind == "pdf" else "-"
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.path, page)
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", os.path.basename(path) if folder else path, page)
     out.print(table)
+
+
+def short_path(path: str) -> str:
+    """The path relative to the working folder when that is shorter (JSON output keeps it absolute)."""
+    relative = os.path.relpath(path)
+    return relative if len(relative) < len(path) else path
 
 
 def register(app: typer.Typer) -> None:
