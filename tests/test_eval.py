@@ -333,11 +333,10 @@ def test_eval_command_end_to_end_and_cached(run_cli, tmp_path, caption_dir):
     assert second["embedded_now"] == 0 and second["tasks"] == first["tasks"]
 
 
-def test_eval_rerank_not_available(run_cli, tmp_path, caption_dir):
+def test_eval_rerank_not_available(run_cli, tmp_path, caption_dir, monkeypatch):
     import magic_mm
 
-    if hasattr(magic_mm, "MagicReranker"):
-        pytest.skip("the reranker exists")
+    monkeypatch.delattr(magic_mm, "MagicReranker", raising=False)  # as before the reranker landed
     tasks = write_yaml(tmp_path / "t.yaml", f"tasks:\n  - {{name: a, captions: {caption_dir}, split: test}}\n")
     code, _, err = run_cli("eval", "--tasks", tasks, "--model", "tiny-random-composed", "--rerank", "--out", tmp_path)
     assert code == 2 and "not available" in err
@@ -393,3 +392,32 @@ def test_eval_unknown_primary_metric_fails_before_embedding(run_cli, tmp_path, c
     tasks = write_yaml(tmp_path / "t.yaml", f"tasks:\n  - {{name: a, captions: {caption_dir}, primary: precision@3}}\n")
     code, _, err = run_cli("eval", "--tasks", tasks, "--model", "/no/such/model", "--out", tmp_path)
     assert code == 2 and "primary metric 'precision@3' unknown" in err and "hit@1" in err
+
+
+def test_eval_rerank_with_the_real_reranker(run_cli, tmp_path, caption_dir, monkeypatch):
+    import magic_mm
+
+    if not hasattr(magic_mm, "MagicReranker"):
+        pytest.skip("magic_mm.MagicReranker is not in this version")
+    calls = []
+    original = magic_mm.MagicReranker.rerank
+
+    def counting(self, query, candidates, top_k=5):
+        calls.append(len(candidates))
+        return original(self, query, candidates, top_k)
+
+    monkeypatch.setattr(magic_mm.MagicReranker, "rerank", counting)
+    folder = tmp_path / "model"  # a reranker folder is an embedder folder plus reranker.json
+    magic_mm.MagicReranker(magic_mm.MagicEmbedder.from_pretrained("tiny-random-composed")).save_pretrained(folder)
+    tasks = write_yaml(tmp_path / "t.yaml", f"tasks:\n  - {{name: a, captions: {caption_dir}, split: test, limit: 3}}\n")
+    base = ["eval", "--tasks", tasks, "--model", folder, "--no-cache", "--json"]
+    code, out, err = run_cli(*base, "--out", tmp_path / "plain")
+    assert code == 0, err
+    code, out2, err = run_cli(*base, "--rerank", "--out", tmp_path / "rr")
+    assert code == 0, err
+    plain, reranked = json.loads(out), json.loads(out2)
+    assert reranked["rerank"] is True and calls == [4, 4, 4]  # each query's top 5 (of 4 candidates)
+    # The reranker only reorders the top 5 of 4 candidates: hit@5 (all of them) cannot change.
+    assert reranked["tasks"]["a"]["metrics"]["hit@5"] == plain["tasks"]["a"]["metrics"]["hit@5"] == 1.0
+    code, _, err = run_cli("eval", "--tasks", tasks, "--model", "tiny-random-composed", "--rerank", "--out", tmp_path)
+    assert code == 2 and "reranker" in err
