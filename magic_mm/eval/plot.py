@@ -69,12 +69,27 @@ def draw_panel(draw: ImageDraw.ImageDraw, origin: tuple[int, int], points: list[
     draw.rectangle([x0, y0, x1, y1], outline="black")
     draw.text(((x0 + x1 - draw.textlength(xlabel, font=font)) / 2, y1 + 26), xlabel, fill="black", font=font)
     draw.text((origin[0] + 8, y0 - 16), ylabel, fill="black", font=font)
+    taken: list[tuple[float, float, float, float]] = []
     for n, p in enumerate(points):
         colour = COLOURS[n % len(COLOURS)]
         cx, cy = px(p.x), py(p.y)
         draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=colour, outline="black")
-        # Alternate labels above / below so variants at the same x stay readable.
-        draw.text((cx + 8, cy - 18 if n % 2 == 0 else cy + 6), p.label, fill=colour, font=font)
+        taken.append((cx - 5, cy - 5, cx + 5, cy + 5))
+    for n, p in enumerate(points):
+        # First label position (right/left, above/below, then further out) that overlaps no
+        # point or earlier label, so variants with equal tokens or latency stay readable.
+        cx, cy = px(p.x), py(p.y)
+        width = draw.textlength(p.label, font=font)
+        spots = [(cx + 8, cy - 18), (cx + 8, cy + 6), (cx - 8 - width, cy - 18), (cx - 8 - width, cy + 6),
+                 (cx + 8, cy - 32), (cx + 8, cy + 20), (cx - 8 - width, cy - 32), (cx - 8 - width, cy + 20)]
+        box = next((b for b in ((x, y, x + width, y + 12) for x, y in spots) if not any(_overlap(b, t) for t in taken)),
+                   (cx + 8, cy - 18, cx + 8 + width, cy - 6))
+        taken.append(box)
+        draw.text(box[:2], p.label, fill=COLOURS[n % len(COLOURS)], font=font)
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def bench_plot(result: dict[str, Any], path: str | Path) -> Path:
