@@ -218,7 +218,8 @@ def demo(
         print(json.dumps(result, indent=2))
         return
     for ex in examples:
-        table = Table(title=f"“{ex['caption']}”  (its image: {ex['image']})", title_justify="left")
+        out.print(f"\n[bold]“{ex['caption']}”[/]  (its own image: {ex['image']})", highlight=False)
+        table = Table()
         table.add_column("rank", justify="right")
         table.add_column("image")
         table.add_column("score", justify="right")
