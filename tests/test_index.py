@@ -306,3 +306,12 @@ def test_retrieve_with_the_real_magic_reranker_class(tiny_composed, shared_index
     direct = reranker.score(query, [MMInput(image=page_image(Path(h.path), h.kind, h.page)) for h in hits])
     np.testing.assert_allclose([h.rerank_score for h in hits], direct, atol=1e-5)
     assert [h.rerank_score for h in hits] == sorted((h.rerank_score for h in hits), reverse=True)
+
+
+def test_changed_weights_of_the_same_model_ask_for_rebuild(tiny_composed, tmp_path):
+    store = PageStore.open_or_create(tmp_path / "w.lance", ModelStamp.of(tiny_composed, MODEL))
+    changed = ModelStamp(model=MODEL, compression="bilinear:2", dim=64, fingerprint="0" * 16)
+    with pytest.raises(IndexDbError, match="earlier version of 'tiny-random-composed'.*--rebuild"):
+        PageStore.open_or_create(tmp_path / "w.lance", changed)
+    rebuilt = PageStore.open_or_create(tmp_path / "w.lance", changed, rebuild=True)
+    assert rebuilt.stamp == changed and rebuilt.count() == 0

@@ -57,6 +57,7 @@ def index(
     limit: Annotated[int | None, typer.Option(min=1, help="Index at most this many files (sorted by path).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Pages per forward pass and per commit.")] = 16,
     ann: Annotated[str | None, typer.Option(help="Then build an ANN index: ivf-pq or hnsw (for >100k rows).")] = None,
+    rebuild: Annotated[bool, typer.Option(help="Drop the index's rows first and re-embed everything.")] = False,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -72,7 +73,7 @@ def index(
         raise UserError(f"--ann {ann!r}: choose one of {', '.join(ANN_KINDS)}")
     model = model_for(db, model)
     embedder = load_embedder(model, compression, quiet or as_json)
-    store = PageStore.open_or_create(db, ModelStamp.of(embedder, model))
+    store = PageStore.open_or_create(db, ModelStamp.of(embedder, model), rebuild=rebuild)
     summary = index_paths(embedder, store, paths, prune=prune, batch_size=batch_size, limit=limit,
                           show_progress=not (quiet or as_json))
     if ann is not None:

@@ -132,14 +132,19 @@ class PageStore:
         return store
 
     @classmethod
-    def open_or_create(cls, db_path: str | Path, stamp: ModelStamp) -> PageStore:
-        """Open the index at ``db_path`` (checking it was built by this model) or create it."""
+    def open_or_create(cls, db_path: str | Path, stamp: ModelStamp, rebuild: bool = False) -> PageStore:
+        """Open the index at ``db_path`` (checking it was built by this model) or create it.
+
+        ``rebuild`` drops the existing table first (for a new model, or changed weights).
+        """
         import lancedb
 
         path = Path(db_path)
         if path.exists() and not path.is_dir():
             raise IndexDbError(f"--db {db_path}: is a file; pass a folder name such as ./magic.lance")
         db = lancedb.connect(str(path))
+        if rebuild and TABLE in db.list_tables().tables:
+            db.drop_table(TABLE)
         if TABLE in db.list_tables().tables:
             store = cls(path, db.open_table(TABLE))
             store.check_model(stamp, action="add to it")
@@ -156,6 +161,12 @@ class PageStore:
 
     def check_model(self, stamp: ModelStamp, action: str = "search it") -> None:
         built = self.stamp
+        if not built.matches(stamp) and built.model == stamp.model:
+            raise IndexDbError(
+                f"--db {self.db_path} was built with an earlier version of {built.model!r} (fingerprint "
+                f"{built.fingerprint}, now {stamp.fingerprint}: its weights or settings changed); its vectors are "
+                "out of date. Re-embed everything with `magic-mm index … --rebuild`, or index into a new --db"
+            )
         if not built.matches(stamp):
             raise IndexDbError(
                 f"--db {self.db_path} was built with model {built.model!r} (compression {built.compression}, "
