@@ -227,23 +227,23 @@ def test_stage3_judges_and_trains_and_reranker_learns(toy_data, toy_grids, tmp_p
     base = toy_config(toy_data, tmp_path / "base", stage="stage1", steps=1)
     judge_folder = trainer(base).run()  # a (barely) stage-1 model as the judge
     config = toy_config(toy_data, tmp_path / "s3", stage="stage3", steps=4, stage3={
-        "retrieve_top": 5, "hard_negatives": 3, "task": "colours",
+        "retrieve_top": 3, "hard_negatives": 2, "task": "colours",
         "instructions": {"colours": {"query": "Find the colour.", "candidate": "Represent the colour."}},
-        "judge": {"kind": "self", "model": str(judge_folder)}})
+        "judge": {"kind": "self", "model": str(judge_folder)}}, hard_negatives={"queries_per_group": 1})
     t = trainer(config)
     assert t.instructions() == ("Find the colour.", "Represent the colour.")
     t.run()
     judged = json.loads((tmp_path / "s3" / "judgements.json").read_text())
-    assert len(judged) == 16
+    assert len(judged) == 8  # one caption per image
     for q, j in judged.items():
         owner = t.pairs.owner[int(q)]
         assert j["positive"] == [owner]  # the ground truth stays the only InfoNCE positive
         assert owner not in j["negatives"] and owner not in j["judged_relevant"]
-        assert not set(j["negatives"]) & set(j["judged_relevant"]) and len(j["negatives"]) <= 3
+        assert not set(j["negatives"]) & set(j["judged_relevant"]) and len(j["negatives"]) <= 2
     cache_lines = (tmp_path / "s3" / "judge_cache.jsonl").read_text().splitlines()
-    assert len(cache_lines) == 16 * 5
+    assert len(cache_lines) == 8 * 3
 
-    rr = toy_config(toy_data, tmp_path / "rr", stage="reranker", model=str(judge_folder), steps=8,
+    rr = toy_config(toy_data, tmp_path / "rr", stage="reranker", model=str(judge_folder), steps=6,
                     reranker={"candidates_from": str(tmp_path / "s3"), "negatives": [2, 3]})
     rt = trainer(rr)
     rt.prepare_run()

@@ -62,16 +62,24 @@ class SelfJudge(Judge):
 
         self.model = MagicEmbedder.from_pretrained(folder)
         self.name = f"self:{folder}"
+        # The trainer's cached vision grids (same frozen encoder), so the judge skips the encoder.
+        self.grids: dict[str, torch.Tensor] = {}
 
     def logits(self, question: str, image: Path | None) -> tuple[float, float]:
         from magic_mm.model.generative import GenExample, yes_no_logits
+        from magic_mm.train.features import precomputed_vision
 
+        grid = self.grids.get(str(image)) if image is not None else None
         segments: list[Any] = []
         if image is not None:
-            segments += [load_image(image), "\n"]
+            segments += [grid if grid is not None else load_image(image), "\n"]
         segments.append(question + "\nAnswer: ")
         with torch.no_grad():
-            out = yes_no_logits(self.model, [GenExample(segments)])[0]
+            if grid is not None:
+                with precomputed_vision(self.model.backbone):
+                    out = yes_no_logits(self.model, [GenExample(segments)])[0]
+            else:
+                out = yes_no_logits(self.model, [GenExample(segments)])[0]
         return float(out[0]), float(out[1])
 
 

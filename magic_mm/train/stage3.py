@@ -16,7 +16,7 @@ import json
 import torch
 
 from magic_mm.model.embedder import MagicEmbedder
-from magic_mm.train.judge import CachedJudge, make_judge
+from magic_mm.train.judge import CachedJudge, SelfJudge, make_judge
 from magic_mm.train.mining import eligible_ranking
 from magic_mm.train.stage2 import NEGATIVES_FILE, ContrastiveTrainer
 
@@ -60,7 +60,10 @@ class JudgedTrainer(ContrastiveTrainer):
             q_vecs = torch.cat([self.embed([self.pairs.captions[q] for q in queries[s : s + 32]], "query", q_instr)
                                 for s in range(0, len(queries), 32)])
         scores = MagicEmbedder.similarity(q_vecs, c_vecs)
-        judge = CachedJudge(make_judge(cfg.judge), self._cache_path())
+        made = make_judge(cfg.judge)
+        if isinstance(made, SelfJudge) and made.model.config.backbone == self.embedder.config.backbone:
+            made.grids = self.vision.grids  # same frozen vision encoder: reuse its cached grids
+        judge = CachedJudge(made, self._cache_path())
         groups = list(range(len(self.pairs.images)))
         out: dict[int, dict[str, list[int]]] = {}
         for row, q in zip(scores, queries):
