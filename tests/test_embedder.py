@@ -39,8 +39,10 @@ def test_same_vector_alone_in_any_batch_and_any_order(model):
     shuffled = model.encode([inputs[i] for i in order], batch_size=4)
     np.testing.assert_allclose(together, alone, atol=1e-4)
     np.testing.assert_allclose(shuffled, together[order], atol=1e-4)
-    # Different inputs really give different vectors (the check above could not pass trivially).
+    # Different inputs really give different vectors (the check above could not pass trivially):
+    # two texts, and two images.
     assert np.abs(together[0] - together[3]).max() > 1e-3
+    assert np.abs(together[1] - together[5]).max() > 1e-3
 
 
 def test_vectors_are_unit_length_and_dim_truncates(model):

@@ -92,6 +92,12 @@ class EfficientNetLite0(nn.Module):
         self._conv_head = SameConv2d(LITE0_STAGES[-1][-1], HEAD_CHANNELS, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(HEAD_CHANNELS, eps=BN_EPS)
         self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
+        # PyTorch's default conv init shrinks activations at every layer; over ~50 layers a
+        # random network's output would vanish (~1e-9), making all images alike in tests.
+        # Fan-in keeps the scale for depthwise convs too (their fan-in is k*k).
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` normalised pixels → ``(B, 1280, H/32, W/32)``."""
