@@ -173,6 +173,50 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="no such config"):
         load_config(tmp_path / "missing.yaml")
 
+    path.write_text("stage: stage2\noutput: out\nmixed_precision: no\n")  # YAML's bare `no` is false
+    assert load_config(path).mixed_precision == "no"
+    path.write_text("stage: stage2\noutput: out\nmixed_precision: fp64\n")
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(path)
+    path.write_text("stage: stage3\noutput: out\nstage3: {max_queries: 0}\n")
+    with pytest.raises(ConfigError, match="max_queries"):
+        load_config(path)
+    path.write_text("stage: stage2\noutput: out\nsnapshot_steps: [0]\n")
+    with pytest.raises(ConfigError, match="snapshot_steps"):
+        load_config(path)
+    from magic_mm.train.config import parse_overrides
+
+    path.write_text("stage: stage2\noutput: out\noptim: {lr: 1.0e-4, connector_lr: 1.0e-3}\n")
+    config = load_config(path, overrides=parse_overrides(["optim.lr=0.5", "compression=none", "output=elsewhere"]))
+    assert (config.optim.lr, config.optim.connector_lr) == (0.5, 1e-3)  # nested keys merge, siblings stay
+    assert (config.compression, config.output) == ("none", "elsewhere")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["optim.lr"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(path, overrides=parse_overrides(["optim.lrr=1"]))
+
+
+def test_cli_stop_after_saves_a_checkpoint_and_the_same_command_resumes(run_cli, toy_data, toy_grids, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "stage": "stage2", "output": str(out), "model": "tiny-random-composed", "data": {"folder": str(toy_data)},
+        "vision_cache_file": str(toy_grids), "steps": 4, "batch_size": 4, "checkpoint_every": 3}))
+    code, stdout, err = run_cli("train", "stage2", "--config", path, "--stop-after", 2, "--quiet",
+                                "--set", "snapshot_steps=[2]")
+    assert code == 0, err
+    assert "stopped after step 2 of 4" in stdout and "resume" in stdout
+    assert not (out / "model").exists()
+    assert (out / "model-step2" / "weights.safetensors").is_file()  # the snapshot
+    code, stdout, err = run_cli("train", "stage2", "--config", path, "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["finished"] and summary["steps"] == 4 and summary["last"]["step"] == 4
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the checkpoint at step 2 (not 3): nothing lost or repeated
+
 
 def test_cli_reports_a_bad_config_without_traceback(run_cli, tmp_path):
     code, _, err = run_cli("train", "stage2", "--config", tmp_path / "nope.yaml")
@@ -206,14 +250,17 @@ def test_stage1_loss_goes_down(toy_data, toy_grids, tmp_path):
                         stage1={"text_instructions": [{"prompt": "Say hi.", "answer": "hi"}]})
     t = trainer(config)
     t.prepare_run()
-    from magic_mm.model.generative import build_batch, logits
+    from magic_mm.model.generative import answer_loss, build_batch, logits
     from magic_mm.train.features import precomputed_vision
     from magic_mm.train.losses import answer_token_loss
 
     def loss() -> float:
         with torch.no_grad(), precomputed_vision(t.embedder.backbone):
             batch = build_batch(t.embedder, [t.example(i) for i in range(len(t.examples))])
-            return float(answer_token_loss(logits(t.embedder, batch), batch.labels))
+            full = float(answer_token_loss(logits(t.embedder, batch), batch.labels))
+            # the trainers' loss runs the LM head only where answer tokens are predicted
+            assert float(answer_loss(t.embedder, batch)) == pytest.approx(full, rel=1e-5)
+            return full
 
     before = loss()
     t.run()
@@ -255,6 +302,13 @@ def test_stage3_judges_and_trains_and_reranker_learns(toy_data, toy_grids, tmp_p
     hits = reranker.rerank("a red square", [toy_data / "images" / f"{c}.jpg" for c in COLOURS], top_k=3)
     assert sorted(h.index for h in hits) == [0, 1, 2]
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+    sampled = toy_config(toy_data, tmp_path / "s3-sample", stage="stage3", steps=1, stage3={
+        "retrieve_top": 3, "max_queries": 3, "judge": {"kind": "self", "model": str(judge_folder)}},
+        hard_negatives={"queries_per_group": 1})
+    trainer(sampled).run()
+    picked = json.loads((tmp_path / "s3-sample" / "judgements.json").read_text())
+    assert len(picked) == 3 and set(picked) <= set(judged)  # a sample of the one-caption-per-image queries
 
 
 def test_reranker_folder_errors(tmp_path):

@@ -83,6 +83,20 @@ def logits(model: MagicEmbedder, batch: GenBatch, positions: torch.Tensor | None
     return model.backbone.lm_head(states)
 
 
+def answer_loss(model: MagicEmbedder, batch: GenBatch) -> torch.Tensor:
+    """Next-token cross-entropy on the answer tokens (``batch.labels`` != -100).
+
+    Equal to ``answer_token_loss(logits(model, batch), batch.labels)``, but the LM head (a
+    576 × 49k matrix for SmolLM2) runs only at the positions that predict an answer token,
+    not at every prompt and visual token, which made it most of a reranker step's cost.
+    """
+    states = model.backbone.decoder(inputs_embeds=batch.embeds, attention_mask=batch.mask).last_hidden_state
+    targets = batch.labels[:, 1:]
+    predicts = targets != -100  # position t predicts token t + 1
+    out = model.backbone.lm_head(states[:, :-1][predicts])
+    return torch.nn.functional.cross_entropy(out.float(), targets[predicts])
+
+
 def token_id(model: MagicEmbedder, word: str) -> int:
     """The first token of ``word`` (e.g. "Yes"); the choice a yes/no head reads."""
     ids = model.backbone.tokenizer(word, add_special_tokens=False)["input_ids"]

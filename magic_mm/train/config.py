@@ -69,6 +69,7 @@ class JudgeConfig:
 @dataclass
 class Stage3Config:
     retrieve_top: int = 20
+    max_queries: int | None = None  # judge a seeded sample of this many queries (each costs retrieve_top judge calls)
     hard_negatives: int = 12
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     # task name → {"query": instruction, "candidate": instruction}
@@ -107,6 +108,7 @@ class TrainConfig:
     stage3: Stage3Config = field(default_factory=Stage3Config)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     checkpoint_every: int = 10
+    snapshot_steps: list[int] = field(default_factory=list)  # also save OUTPUT/model-stepN after these steps
     log_every: int = 1
     cache_vision: bool = True  # precompute the frozen vision encoder's grids once
     vision_cache_file: str | None = None  # share grids between runs (default: OUTPUT/vision_cache.safetensors)
@@ -137,6 +139,14 @@ class TrainConfig:
         n_lo, n_hi = self.reranker.negatives
         if not 1 <= n_lo <= n_hi:
             raise ConfigError(f"reranker.negatives {n_lo}-{n_hi}: need 1 <= low <= high")
+        if self.mixed_precision is False:  # YAML reads a bare `no` as false
+            self.mixed_precision = "no"
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision {self.mixed_precision!r}: use no, bf16 or fp16")
+        if any(n < 1 for n in self.snapshot_steps):
+            raise ConfigError(f"snapshot_steps {self.snapshot_steps}: steps count from 1")
+        if self.stage3.max_queries is not None and self.stage3.max_queries < 1:
+            raise ConfigError("stage3.max_queries must be >= 1 (or omitted for every query)")
         if self.stage3.judge.kind not in ("self", "hf", "openai"):
             raise ConfigError(f"stage3.judge.kind {self.stage3.judge.kind!r}: use self, hf or openai")
 
@@ -168,6 +178,31 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-4", "compression=none"]`` → nested mapping; values are read as YAML."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: write KEY=VALUE, e.g. --set optim.lr=1e-4")
+        *parents, leaf = key.strip().split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``extra``, recursing into nested mappings."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(path: str | Path, expect_stage: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML config; relative ``output`` / ``data.folder`` resolve against the cwd."""
     import yaml
@@ -181,7 +216,7 @@ def load_config(path: str | Path, expect_stage: str | None = None, overrides: di
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values")
-    raw = {**raw, **(overrides or {})}
+    raw = merge(raw, overrides or {})
     if expect_stage is not None:
         raw.setdefault("stage", expect_stage)
         if raw["stage"] != expect_stage:

@@ -264,6 +264,8 @@ class Trainer:
                     log.flush()
                 if self.step % self.config.checkpoint_every == 0 or self.step == total:
                     self.save_checkpoint()
+                if self.step in self.config.snapshot_steps and self.accelerator.is_main_process:
+                    self.embedder.save_pretrained(self.out / f"{FINAL_MODEL}-step{self.step}")
                 advance(1)
                 if stop_after is not None and self.step >= stop_after and self.step < total:
                     raise StopTraining(f"stopped after step {self.step}")

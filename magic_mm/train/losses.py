@@ -34,6 +34,30 @@ def group_mask(query_groups: torch.Tensor, candidate_groups: torch.Tensor, targe
     return same
 
 
+def caption_image_loss(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    targets: torch.Tensor,
+    query_groups: torch.Tensor,
+    candidate_groups: torch.Tensor,
+    temperature: float = 0.03,
+    symmetric: bool = False,
+) -> torch.Tensor:
+    """Caption → image InfoNCE; candidates in a query's group, other than its target, are masked.
+
+    ``symmetric`` averages it with image → caption InfoNCE over the positive images
+    (candidates ``0..max(targets)``, listed first), each against its first caption with
+    its other captions masked.  Used by stage 2 and by the dual-encoder baseline.
+    """
+    loss = info_nce(queries, candidates, targets, temperature, group_mask(query_groups, candidate_groups, targets))
+    if symmetric:
+        n_pos = int(targets.max()) + 1
+        first = torch.tensor([int((targets == j).nonzero()[0]) for j in range(n_pos)])
+        back_mask = group_mask(candidate_groups[:n_pos], query_groups, first)
+        loss = (loss + info_nce(candidates[:n_pos], queries, first, temperature, back_mask)) / 2
+    return loss
+
+
 def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy where ``labels`` is -100 on everything but answer tokens.
 

@@ -21,12 +21,11 @@ import torch.nn.functional as F
 
 from magic_mm.errors import UserError
 from magic_mm.model.embedder import MagicEmbedder
-from magic_mm.model.generative import build_batch, logits
+from magic_mm.model.generative import answer_loss, build_batch
 from magic_mm.model.inputs import PreparedInput
 from magic_mm.model.reranker import MagicReranker
 from magic_mm.train.features import precomputed_vision
 from magic_mm.train.loop import FINAL_MODEL, Trainer, batch_indices
-from magic_mm.train.losses import answer_token_loss
 from magic_mm.train.pairs import CaptionPairs
 from magic_mm.train.stage3 import JUDGEMENTS_FILE
 
@@ -96,7 +95,7 @@ class RerankerTrainer(Trainer):
         yes_no = self.model(lambda _m, ex: reranker.yes_no(ex), pointwise)
         point_loss = F.cross_entropy(yes_no.float(), torch.tensor(labels, device=yes_no.device))
         batch = build_batch(self.embedder, listwise, eos=False)
-        list_loss = answer_token_loss(self.model(logits, batch), batch.labels)
+        list_loss = self.model(answer_loss, batch)
         return point_loss, list_loss
 
     def finish(self) -> Path:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 
 from magic_mm.model.embedder import MagicEmbedder
-from magic_mm.model.generative import GenExample, build_batch, logits
+from magic_mm.model.generative import GenExample, answer_loss, build_batch
 from magic_mm.train.features import precomputed_vision
 from magic_mm.train.loop import Trainer, batch_indices
-from magic_mm.train.losses import answer_token_loss
 from magic_mm.train.pairs import CaptionPairs
 
 
@@ -57,4 +56,4 @@ class GenerativeTrainer(Trainer):
 
     def _loss(self, examples: list[GenExample]) -> torch.Tensor:
         batch = build_batch(self.embedder, examples)
-        return answer_token_loss(self.model(logits, batch), batch.labels)
+        return self.model(answer_loss, batch)

@@ -20,7 +20,7 @@ from magic_mm.model.inputs import PreparedInput
 from magic_mm.train.features import precomputed_vision
 from magic_mm.train.gradcache import contrastive_backward
 from magic_mm.train.loop import Trainer, batch_indices
-from magic_mm.train.losses import group_mask, info_nce
+from magic_mm.train.losses import caption_image_loss
 from magic_mm.train.mining import mine_hard_negatives
 from magic_mm.train.pairs import CaptionPairs
 
@@ -120,17 +120,10 @@ class ContrastiveTrainer(Trainer):
         targets = torch.tensor([candidates.index(self.pairs.owner[q]) for q in queries])
         q_groups = torch.tensor([self.pairs.owner[q] for q in queries])
         c_groups = torch.tensor(candidates)  # a candidate image is its own group
-        mask = group_mask(q_groups, c_groups, targets)
         q_instr, c_instr = self.instructions()
 
         def loss_fn(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            loss = info_nce(q, c, targets, cfg.temperature, mask)
-            if cfg.symmetric:  # image → caption over the positives (other captions of it masked)
-                n_pos = int(targets.max()) + 1
-                first = [int((targets == j).nonzero()[0]) for j in range(n_pos)]
-                back_mask = group_mask(c_groups[:n_pos], q_groups, torch.tensor(first))
-                loss = (loss + info_nce(c[:n_pos], q, torch.tensor(first), cfg.temperature, back_mask)) / 2
-            return loss
+            return caption_image_loss(q, c, targets, q_groups, c_groups, cfg.temperature, cfg.symmetric)
 
         loss = contrastive_backward(
             lambda items: self.embed(items, "query", q_instr),

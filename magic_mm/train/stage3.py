@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 
 from magic_mm.model.embedder import MagicEmbedder
@@ -52,6 +53,9 @@ class JudgedTrainer(ContrastiveTrainer):
     def judge_pool(self) -> dict[int, dict[str, list[int]]]:
         cfg = self.config.stage3
         queries = self.pairs.queries_per_group(self.config.hard_negatives.queries_per_group)
+        if cfg.max_queries is not None and cfg.max_queries < len(queries):
+            picks = np.random.default_rng([self.config.seed, 3]).choice(len(queries), cfg.max_queries, replace=False)
+            queries = [queries[i] for i in sorted(picks)]
         q_instr, c_instr = self.instructions()
         self.model.eval()
         with torch.no_grad():
