@@ -156,6 +156,24 @@ def test_judge_verdicts_are_cached_on_disk(tmp_path):
     assert judge.calls == 2
     again = CachedJudge(judge, tmp_path / "cache.jsonl")  # a rerun reads the file
     assert again("a dog?", Path("x.jpg")).relevant and judge.calls == 2
+    # many(): one call per unseen pair, in order, duplicates asked once
+    verdicts = again.many("a dog?", [Path("x.jpg"), Path("y.jpg"), Path("y.jpg"), Path("z.jpg")])
+    assert [v.relevant for v in verdicts] == [True] * 4 and judge.calls == 4
+
+
+def test_calibrated_threshold_undoes_a_yes_bias():
+    from magic_mm.train.judge import Verdict, calibrated_threshold
+
+    matched = [Verdict(5.0 + m, 0.0) for m in (1.0, 1.5, 2.0)]  # says yes to everything...
+    mismatched = [Verdict(5.0 + m, 0.0) for m in (-1.0, 0.2, -0.5)]  # ...but ranks matches higher
+    assert all(v.relevant for v in matched + mismatched)  # the paper's cut at 0 keeps them all
+    cut, accuracy = calibrated_threshold(matched, mismatched)
+    assert 5.2 < cut < 6.0 and accuracy == 1.0
+    assert [v.margin > cut for v in matched + mismatched] == [True] * 3 + [False] * 3
+    unbiased, _ = calibrated_threshold([Verdict(1.0, 0.0)], [Verdict(-1.0, 0.0)])
+    assert unbiased == 0.0  # ties between equally good cuts go to the one nearest 0
+    with pytest.raises(ValueError):
+        calibrated_threshold([], mismatched)
 
 
 # -- configs ----------------------------------------------------------------------------
@@ -304,11 +322,21 @@ def test_stage3_judges_and_trains_and_reranker_learns(toy_data, toy_grids, tmp_p
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
     sampled = toy_config(toy_data, tmp_path / "s3-sample", stage="stage3", steps=1, stage3={
-        "retrieve_top": 3, "max_queries": 3, "judge": {"kind": "self", "model": str(judge_folder)}},
+        "retrieve_top": 3, "max_queries": 3, "judge": {"kind": "self", "model": str(judge_folder), "calibrate": 4}},
         hard_negatives={"queries_per_group": 1})
     trainer(sampled).run()
     picked = json.loads((tmp_path / "s3-sample" / "judgements.json").read_text())
     assert len(picked) == 3 and set(picked) <= set(judged)  # a sample of the one-caption-per-image queries
+    calibration = json.loads((tmp_path / "s3-sample" / "judge_calibration.json").read_text())
+    assert calibration["pairs"] == 4 and 0.5 <= calibration["accuracy"] <= 1.0
+    cached = [json.loads(line) for line in (tmp_path / "s3-sample" / "judge_cache.jsonl").read_text().splitlines()]
+    margins = {(r["question"], r["candidate"]): r["yes"] - r["no"] for r in cached}
+    for q, j in picked.items():  # judged relevant iff the margin clears the calibrated cut
+        question = sampled.stage3.judge.question.format(query=t.pairs.captions[int(q)])
+        for c in j["judged_relevant"]:
+            assert margins[(question, str(t.pairs.images[c]))] > calibration["threshold"]
+        for c in j["negatives"]:
+            assert margins[(question, str(t.pairs.images[c]))] <= calibration["threshold"]
 
 
 def test_reranker_folder_errors(tmp_path):

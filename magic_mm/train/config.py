@@ -61,6 +61,10 @@ class JudgeConfig:
     url: str | None = None  # OpenAI-compatible base URL for kind=openai
     api_key_env: str = "OPENAI_API_KEY"
     cache: str = "judge_cache.jsonl"  # relative to the run's output folder unless absolute
+    # 0 = the paper's rule, relevant iff logit(yes) > logit(no).  N > 0: first ask the judge about N
+    # ground-truth pairs and N mismatched ones, and cut logit(yes) - logit(no) where it best
+    # separates them (for a biased judge that says "yes" to everything).
+    calibrate: int = 0
     question: str = (
         "Does the image match the query? Query: {query}\nAnswer yes or no."
     )
@@ -147,6 +151,8 @@ class TrainConfig:
             raise ConfigError(f"snapshot_steps {self.snapshot_steps}: steps count from 1")
         if self.stage3.max_queries is not None and self.stage3.max_queries < 1:
             raise ConfigError("stage3.max_queries must be >= 1 (or omitted for every query)")
+        if self.stage3.judge.calibrate < 0:
+            raise ConfigError("stage3.judge.calibrate must be >= 0 (0 = the paper's rule)")
         if self.stage3.judge.kind not in ("self", "hf", "openai"):
             raise ConfigError(f"stage3.judge.kind {self.stage3.judge.kind!r}: use self, hf or openai")
 

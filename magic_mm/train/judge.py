@@ -37,6 +37,10 @@ class Verdict:
     no: float
 
     @property
+    def margin(self) -> float:
+        return self.yes - self.no
+
+    @property
     def relevant(self) -> bool:
         return self.yes > self.no
 
@@ -46,12 +50,36 @@ def decide(yes: float, no: float) -> bool:
     return Verdict(yes, no).relevant
 
 
+def calibrated_threshold(matched: list[Verdict], mismatched: list[Verdict]) -> tuple[float, float]:
+    """The cut on logit(yes) − logit(no) that best separates known matching pairs from known
+    mismatching ones, and the share of those pairs it gets right.
+
+    A small judge (like a briefly trained stage-1 model) can say "yes" to everything while
+    still ranking matches above mismatches; its bias, not its ranking, breaks the paper's
+    rule (cut at 0).  Ties between cuts go to the one nearest 0.
+    """
+    if not matched or not mismatched:
+        raise ValueError("calibration needs matching and mismatching pairs")
+    margins = sorted({v.margin for v in matched + mismatched})
+    cuts = [margins[0] - 1.0] + [(a + b) / 2 for a, b in zip(margins, margins[1:])] + [margins[-1] + 1.0]
+
+    def correct(cut: float) -> int:
+        return sum(v.margin > cut for v in matched) + sum(v.margin <= cut for v in mismatched)
+
+    best = max(cuts, key=lambda cut: (correct(cut), -abs(cut)))
+    return best, correct(best) / (len(matched) + len(mismatched))
+
+
 class Judge:
     name: str = "judge"
 
     def logits(self, question: str, image: Path | None) -> tuple[float, float]:
         """(yes, no) scores for one question about one candidate image."""
         raise NotImplementedError
+
+    def logits_many(self, question: str, images: list[Path | None]) -> list[tuple[float, float]]:
+        """(yes, no) for one question about each image; judges that can batch override this."""
+        return [self.logits(question, image) for image in images]
 
 
 class SelfJudge(Judge):
@@ -66,21 +94,25 @@ class SelfJudge(Judge):
         self.grids: dict[str, torch.Tensor] = {}
 
     def logits(self, question: str, image: Path | None) -> tuple[float, float]:
+        return self.logits_many(question, [image])[0]
+
+    def logits_many(self, question: str, images: list[Path | None]) -> list[tuple[float, float]]:
+        """One padded batch when every image has a cached grid (the stage-3 case), else one by one."""
         from magic_mm.model.generative import GenExample, yes_no_logits
         from magic_mm.train.features import precomputed_vision
 
-        grid = self.grids.get(str(image)) if image is not None else None
-        segments: list[Any] = []
-        if image is not None:
-            segments += [grid if grid is not None else load_image(image), "\n"]
-        segments.append(question + "\nAnswer: ")
+        def example(picture: Any) -> GenExample:
+            head = [picture, "\n"] if picture is not None else []
+            return GenExample([*head, question + "\nAnswer: "])
+
         with torch.no_grad():
-            if grid is not None:
+            if images and all(i is not None and str(i) in self.grids for i in images):
                 with precomputed_vision(self.model.backbone):
-                    out = yes_no_logits(self.model, [GenExample(segments)])[0]
+                    out = yes_no_logits(self.model, [example(self.grids[str(i)]) for i in images])
             else:
-                out = yes_no_logits(self.model, [GenExample(segments)])[0]
-        return float(out[0]), float(out[1])
+                out = torch.cat([yes_no_logits(self.model, [example(load_image(i) if i is not None else None)])
+                                 for i in images])
+        return [(float(y), float(n)) for y, n in out]
 
 
 class HFJudge(Judge):
@@ -181,13 +213,19 @@ class CachedJudge:
         return hashlib.sha1(raw.encode()).hexdigest()
 
     def __call__(self, question: str, image: Path | None) -> Verdict:
-        key = self.key(question, image)
-        if key not in self.verdicts:
-            yes, no = self.judge.logits(question, image)
-            self.verdicts[key] = Verdict(yes, no)
-            self.asked += 1
+        return self.many(question, [image])[0]
+
+    def many(self, question: str, images: list[Path | None]) -> list[Verdict]:
+        """Verdicts for one question about each image; only the unseen pairs reach the judge."""
+        keys = [self.key(question, image) for image in images]
+        todo = [keys.index(key) for key in dict.fromkeys(keys) if key not in self.verdicts]
+        if todo:
+            answers = self.judge.logits_many(question, [images[i] for i in todo])
             self.file.parent.mkdir(parents=True, exist_ok=True)
             with self.file.open("a") as fh:
-                fh.write(json.dumps({"key": key, "yes": yes, "no": no, "question": question,
-                                     "candidate": str(image)}) + "\n")
-        return self.verdicts[key]
+                for i, (yes, no) in zip(todo, answers):
+                    self.verdicts[keys[i]] = Verdict(yes, no)
+                    fh.write(json.dumps({"key": keys[i], "yes": yes, "no": no, "question": question,
+                                         "candidate": str(images[i])}) + "\n")
+            self.asked += len(todo)
+        return [self.verdicts[key] for key in keys]

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from magic_mm.model.embedder import MagicEmbedder
-from magic_mm.train.judge import CachedJudge, SelfJudge, make_judge
+from magic_mm.train.judge import CachedJudge, SelfJudge, calibrated_threshold, make_judge
 from magic_mm.train.mining import eligible_ranking
 from magic_mm.train.stage2 import NEGATIVES_FILE, ContrastiveTrainer
 
 JUDGEMENTS_FILE = "judgements.json"
+CALIBRATION_FILE = "judge_calibration.json"
 
 
 class JudgedTrainer(ContrastiveTrainer):
@@ -68,16 +69,41 @@ class JudgedTrainer(ContrastiveTrainer):
         if isinstance(made, SelfJudge) and made.model.config.backbone == self.embedder.config.backbone:
             made.grids = self.vision.grids  # same frozen vision encoder: reuse its cached grids
         judge = CachedJudge(made, self._cache_path())
+        threshold = self.calibrate(judge, queries) if cfg.judge.calibrate else 0.0
         groups = list(range(len(self.pairs.images)))
         out: dict[int, dict[str, list[int]]] = {}
         for row, q in zip(scores, queries):
             top = eligible_ranking(row, self.pairs.owner[q], groups)[: cfg.retrieve_top]
             question = cfg.judge.question.format(query=self.pairs.captions[q])
-            relevant = [int(c) for c in top if judge(question, self.pairs.images[c]).relevant]
+            verdicts = judge.many(question, [self.pairs.images[c] for c in top])
+            relevant = [int(c) for c, v in zip(top, verdicts) if v.margin > threshold]
             others = [int(c) for c in top if int(c) not in relevant]
             out[q] = {"positive": [self.pairs.owner[q]], "judged_relevant": relevant,
                       "negatives": others[: cfg.hard_negatives]}
         return out
+
+    def calibrate(self, judge: CachedJudge, queries: list[int]) -> float:
+        """The judge's decision threshold from known pairs: each sampled query with its own image
+        (a match) and with a random image of another group (a mismatch)."""
+        cfg = self.config.stage3.judge
+        rng = np.random.default_rng([self.config.seed, 4])
+        picked = [queries[i] for i in sorted(rng.choice(len(queries), min(cfg.calibrate, len(queries)), replace=False))]
+        matched, mismatched = [], []
+        for q in picked:
+            owner = self.pairs.owner[q]
+            other = int(rng.choice([i for i in range(len(self.pairs.images)) if i != owner]))
+            question = cfg.question.format(query=self.pairs.captions[q])
+            match, mismatch = judge.many(question, [self.pairs.images[owner], self.pairs.images[other]])
+            matched.append(match)
+            mismatched.append(mismatch)
+        threshold, accuracy = calibrated_threshold(matched, mismatched)
+        report = {"pairs": len(picked), "threshold": threshold, "accuracy": accuracy,
+                  "yes_rate_at_0": sum(v.relevant for v in matched + mismatched) / (2 * len(picked)),
+                  "mean_margin_matched": float(np.mean([v.margin for v in matched])),
+                  "mean_margin_mismatched": float(np.mean([v.margin for v in mismatched]))}
+        if self.accelerator.is_main_process:
+            (self.out / CALIBRATION_FILE).write_text(json.dumps(report, indent=1))
+        return threshold
 
     def _cache_path(self):  # noqa: ANN202
         from pathlib import Path
