@@ -9,6 +9,10 @@ from magic_mm.model import efficientnet_lite
 
 pytestmark = pytest.mark.real_weights
 
+# The shipped model measured 45 % text→image R@5 over all 216 test images (README table, row 4).
+# Over 40 images chance is 12.5 %; an untrained connector sits there, a trained one far above.
+RECALL5_FLOOR = 0.4
+
 
 def test_efficientnet_weights_load_strictly_and_classify(flickr_dir):
     net = efficientnet_lite.EfficientNetLite0()
