@@ -25,6 +25,11 @@ JUDGEMENTS_FILE = "judgements.json"
 CALIBRATION_FILE = "judge_calibration.json"
 
 
+def sorted_sample(rng: np.random.Generator, items: list[int], n: int) -> list[int]:
+    """``n`` of ``items`` (all when there are fewer) drawn without replacement, kept in their order."""
+    return [items[i] for i in sorted(rng.choice(len(items), min(n, len(items)), replace=False))]
+
+
 class JudgedTrainer(ContrastiveTrainer):
     @property
     def total_steps(self) -> int:
@@ -54,9 +59,8 @@ class JudgedTrainer(ContrastiveTrainer):
     def judge_pool(self) -> dict[int, dict[str, list[int]]]:
         cfg = self.config.stage3
         queries = self.pairs.queries_per_group(self.config.hard_negatives.queries_per_group)
-        if cfg.max_queries is not None and cfg.max_queries < len(queries):
-            picks = np.random.default_rng([self.config.seed, 3]).choice(len(queries), cfg.max_queries, replace=False)
-            queries = [queries[i] for i in sorted(picks)]
+        if cfg.max_queries is not None:
+            queries = sorted_sample(np.random.default_rng([self.config.seed, 3]), queries, cfg.max_queries)
         q_instr, c_instr = self.instructions()
         self.model.eval()
         with torch.no_grad():
@@ -87,7 +91,7 @@ class JudgedTrainer(ContrastiveTrainer):
         (a match) and with a random image of another group (a mismatch)."""
         cfg = self.config.stage3.judge
         rng = np.random.default_rng([self.config.seed, 4])
-        picked = [queries[i] for i in sorted(rng.choice(len(queries), min(cfg.calibrate, len(queries)), replace=False))]
+        picked = sorted_sample(rng, queries, cfg.calibrate)
         matched, mismatched = [], []
         for q in picked:
             owner = self.pairs.owner[q]
