@@ -95,9 +95,7 @@ def bench_model(name: str, args: argparse.Namespace, image: Image.Image) -> Row:
         tokens[variant] = backbone.visual_tokens(width, height)
         prepared = model.prepare([image])[0]
         with torch.inference_mode():
-            visual = backbone.encode_images([prepared.image])[0]
-            instruction = model.config.instructions["candidate"]
-            seq_len[variant] = int(model._sequence(prepared, visual, "candidate", instruction).shape[0])
+            seq_len[variant] = int(model.lm_batch([prepared], "candidate").lengths[0])
     timings: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for rep in range(-1 if args.reps else 0, args.reps):  # rep -1: untimed warm-up; --reps 0: tokens only
         for variant in VARIANTS:

@@ -81,18 +81,17 @@ def evaluate_row(label: str, spec: str, items, captions, owner) -> dict:  # noqa
     if rerank:
         from magic_mm import MagicReranker
 
-        from magic_mm.train.features import VisionCache, precomputed_vision
+        from magic_mm.train.features import VisionCache
 
         reranker = MagicReranker.from_pretrained(rerank)
         # The frozen vision encoder runs once per test image, not once per (query, candidate) pair.
         grids = VisionCache().build(reranker.model.backbone, paths)
         reranked = scores.copy()
         top = np.argsort(-scores, axis=1, kind="stable")[:, :5]
-        with precomputed_vision(reranker.model.backbone):
-            for q, row in enumerate(top):
-                hits = reranker.rerank(captions[q], [grids.item(paths[c]) for c in row], top_k=5)
-                for place, hit in enumerate(hits):  # reranked top 5 above everything else, in the new order
-                    reranked[q, row[hit.index]] = 1e3 - place
+        for q, row in enumerate(top):
+            hits = reranker.rerank(captions[q], [grids.item(paths[c]) for c in row], top_k=5)
+            for place, hit in enumerate(hits):  # reranked top 5 above everything else, in the new order
+                reranked[q, row[hit.index]] = 1e3 - place
         t2i = recalls(reranked, [{o} for o in owner])
     by_image: list[set[int]] = [set() for _ in items]
     for q, o in enumerate(owner):

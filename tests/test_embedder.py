@@ -70,7 +70,7 @@ def test_compression_reduces_visual_tokens_in_the_sequence(tiny_internvl):
     tokens = {}
     for spec in ("none", "bilinear:2"):
         model = MagicEmbedder.from_pretrained("tiny-random-internvl", compression=spec)
-        tokens[spec] = model.backbone.encode_images([img])[0].shape[0]
+        tokens[spec] = len(model.backbone.encode_images([img])[0].embeds)
         assert tokens[spec] == model.backbone.visual_tokens(112, 112)
     assert tokens == {"none": 16, "bilinear:2": 4}  # 8×8 patches → shuffle 4×4; compressed 4×4 → 2×2
 
@@ -82,7 +82,7 @@ def test_internvl_tiling_matches_token_count():
     assert (cols, rows) == (4, 1)
     tiles = model.backbone.image_tiles(wide)
     assert tiles.shape == (5, 3, 112, 112)  # 4 tiles + thumbnail
-    assert model.backbone.encode_images([wide])[0].shape[0] == 5 * 4 == model.backbone.visual_tokens(400, 100)
+    assert len(model.backbone.encode_images([wide])[0].embeds) == 5 * 4 == model.backbone.visual_tokens(400, 100)
 
 
 def test_internvl_refuses_pixel_unshuffle():

@@ -24,11 +24,6 @@ def model(request):
     return tiny("idefics3", *request.param)
 
 
-def marker_tokens(backbone, rows: int, cols: int) -> int:
-    markers = backbone.tile_markers(rows, cols)
-    return sum(len(backbone.tokenizer(m, add_special_tokens=False)["input_ids"]) for m in markers)
-
-
 def test_embeddings_with_s1_and_s2():
     for variant in VARIANTS:
         inputs = mixed_inputs()
@@ -70,7 +65,8 @@ def test_exact_visual_token_counts(variant):
         assert backbone.tile_layout(150, 100) == (2, 2)
         assert backbone.visual_tokens(150, 100) == count
         tokens = backbone.encode_images([image])[0]
-        assert len(tokens) == count + marker_tokens(backbone, 2, 2)  # visual tokens + tile-marker text
+        assert len(tokens.embeds) == count and tokens.pieces == (count // 5,) * 5  # one piece per tile
+        assert tokens.markers == tuple(backbone.tile_markers(2, 2))  # the tile-marker texts around them
         assert model.info((150, 100))["tiles_per_image"] == 5
 
 

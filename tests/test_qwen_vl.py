@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,9 +13,9 @@ from conftest import make_image
 from family_checks import assert_batch_invariant, assert_round_trip, info_nce_step, mixed_inputs, tiny
 from magic_mm import MagicEmbedder
 from magic_mm.errors import CompressionSpecError, ModelFolderError
-from magic_mm.model.backbones.base import ImageSpan
 from magic_mm.model.compression import Compression
 from magic_mm.model.inputs import prepare
+from magic_mm.model.lm_batch import build_lm_batch
 
 VARIANTS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
@@ -67,7 +68,7 @@ def test_exact_visual_token_counts(variant):
     for compression, count in zip(("none", "bilinear:2"), expected):
         model = tiny("qwen_vl", variant, compression)
         assert model.backbone.visual_tokens(150, 100) == count
-        assert len(model.backbone.encode_images([image])[0]) == count
+        assert len(model.backbone.encode_images([image])[0].embeds) == count
         assert model.info((150, 100))["visual_tokens"] == {"none": expected[0], str(model.compression): count}
 
 
@@ -93,19 +94,21 @@ def test_mrope_positions_follow_the_compressed_grid(variant):
     """Visual tokens get (t, row, col) positions on the compressed grid; text resumes after max(h, w)."""
     model = tiny("qwen_vl", variant, "bilinear:2")
     backbone = model.backbone
-    tokens = backbone.encode_images([make_image(150, 100, seed=1)])[0]  # compressed grid 4×6 → 2×3 tokens
-    start, length = 5, len(tokens)
-    mask = torch.ones(1, start + length + 4, dtype=torch.long)
-    positions = backbone.decoder_kwargs([ImageSpan(0, start, length, 0)], mask)["position_ids"]
-    assert positions.shape == (3, 1, mask.shape[1])
+    image = backbone.encode_images([make_image(150, 100, seed=1)])[0]  # compressed grid 4×6 → 2×3 tokens
+    assert image.grid_thw == (1, 4, 6)
+    batch = build_lm_batch(backbone, [["hello", image]])
+    start, length = int(batch.visual_mask[0].nonzero()[0]), len(image.embeds)
+    after_image = int(batch.lengths[0]) - start - length  # the "<|vision_end|>" marker's tokens
+    positions = batch.position_ids
+    assert positions.shape == (3, 1, batch.embeds.shape[1])
     visual = positions[:, 0, start : start + length]
     assert visual[0].tolist() == [start] * 6
     assert visual[1].tolist() == [start, start, start, start + 1, start + 1, start + 1]
     assert visual[2].tolist() == [start, start + 1, start + 2] * 2
     after = positions[:, 0, start + length :]
-    assert after[0].tolist() == [start + 3, start + 4, start + 5, start + 6]  # start + max(2, 3)
-    with pytest.raises(ValueError):  # a span that disagrees with the grid is refused
-        backbone.decoder_kwargs([ImageSpan(0, start, length + 1, 0)], mask)
+    assert after[0].tolist() == list(range(start + 3, start + 3 + after_image))  # start + max(2, 3)
+    with pytest.raises(ValueError, match="grid"):  # an image whose grid disagrees with its tokens is refused
+        build_lm_batch(backbone, [[dataclasses.replace(image, grid_thw=(1, 4, 8))]])
 
 
 def test_qwen2_5_window_order_is_undone_before_compression():
@@ -115,7 +118,7 @@ def test_qwen2_5_window_order_is_undone_before_compression():
     pixels = backbone.processor(images=[image], return_tensors="pt")
     with torch.no_grad():
         native = backbone.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"]).pooler_output
-        ours = backbone.encode_images([image])[0]
+        ours = backbone.encode_images([image])[0].embeds
     assert pixels["image_grid_thw"][0].tolist() == [1, 14, 14]
     torch.testing.assert_close(ours, native)
 

@@ -53,9 +53,9 @@ def test_visual_tokens_really_reach_the_lm(default_model, flickr_dir):
     from magic_mm import MagicEmbedder
 
     image = Image.open(flickr_dir / "images" / "1001773457_577c3a7d70.jpg").convert("RGB")
-    assert default_model.backbone.encode_images([image])[0].shape == (49, 576)
+    assert default_model.backbone.encode_images([image])[0].embeds.shape == (49, 576)
     uncompressed = MagicEmbedder.from_pretrained("magic-mm-tiny", compression="none")
-    assert uncompressed.backbone.encode_images([image])[0].shape == (196, 576)
+    assert uncompressed.backbone.encode_images([image])[0].embeds.shape == (196, 576)
 
 
 def test_shipped_model_retrieves_far_above_chance(default_model, flickr_dir):

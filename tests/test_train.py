@@ -272,11 +272,10 @@ def test_stage1_loss_goes_down(toy_data, toy_grids, tmp_path):
     t = trainer(config)
     t.prepare_run()
     from magic_mm.model.generative import answer_loss, build_batch, logits
-    from magic_mm.train.features import precomputed_vision
     from magic_mm.train.losses import answer_token_loss
 
     def loss() -> float:
-        with torch.no_grad(), precomputed_vision(t.embedder.backbone):
+        with torch.no_grad():
             batch = build_batch(t.embedder, [t.example(i) for i in range(len(t.examples))])
             full = float(answer_token_loss(logits(t.embedder, batch), batch.labels))
             # the trainers' loss runs the LM head only where answer tokens are predicted

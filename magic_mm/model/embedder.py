@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from magic_mm.errors import BadInputError, ModelFolderError, UserError
 from magic_mm.progress import progress
 from magic_mm.model.backbones import Backbone, backbone_class, checkpoint_family
-from magic_mm.model.backbones.base import ImageSpan
 from magic_mm.model.compression import Compression
 from magic_mm.model.config import (
     CONFIG_FILE,
@@ -26,6 +25,7 @@ from magic_mm.model.config import (
     read_folder_config,
 )
 from magic_mm.model.inputs import MAX_IMAGE_PIXELS, PreparedInput, prepare
+from magic_mm.model.lm_batch import LMBatch, build_lm_batch, hidden_states
 from magic_mm.model.prompts import IMAGE, ROLES, Role, build_prompt
 
 TINY_RANDOM_PREFIX = "tiny-random-"
@@ -248,49 +248,22 @@ class MagicEmbedder(torch.nn.Module):
         return (ta @ tb.T).numpy()
 
     def embed_prepared(self, batch: list[PreparedInput], role: Role, instruction: str | None = None) -> torch.Tensor:
-        """Differentiable core: prepared inputs → un-normalised last-token states ``(B, D)``."""
+        """Differentiable core: prepared inputs → un-normalised last-token states ``(B, D)``
+        (the final, post-norm hidden state of each prompt's last token)."""
+        lm = self.lm_batch(batch, role, instruction)
+        states = hidden_states(self.backbone, lm)
+        return states[torch.arange(len(batch), device=states.device), lm.last_token]
+
+    def lm_batch(self, batch: list[PreparedInput], role: Role, instruction: str | None = None) -> LMBatch:
+        """The padded LM batch of the inputs' prompts, each image spliced in where ``<image>`` stands."""
         if instruction is None:
             instruction = self.config.instructions.get(role, "")
-        with_images = [i for i, p in enumerate(batch) if p.image is not None]
-        image_tokens: dict[int, torch.Tensor] = {}
-        if with_images:
-            encoded = self.backbone.encode_images([batch[i].image for i in with_images])
-            image_tokens = dict(zip(with_images, encoded))
-        sequences, spans = [], []
-        for i, p in enumerate(batch):
-            sequence, image_start = self._assemble(p, image_tokens.get(i), role, instruction)
-            sequences.append(sequence)
-            if image_start is not None:
-                spans.append(ImageSpan(i, image_start, len(image_tokens[i]), with_images.index(i)))
-        return self._last_token_states(sequences, spans)
-
-    def _sequence(self, item: PreparedInput, image: torch.Tensor | None, role: Role, instruction: str) -> torch.Tensor:
-        """The LM input embeddings of one prompt."""
-        return self._assemble(item, image, role, instruction)[0]
-
-    def _assemble(
-        self, item: PreparedInput, image: torch.Tensor | None, role: Role, instruction: str
-    ) -> tuple[torch.Tensor, int | None]:
-        """The prompt's embeddings, and the position where the image tokens start (if any)."""
-        text = self._truncate(item.text, item.name) if item.text else None
-        prompt = build_prompt(role, instruction, text, image is not None)
-        pieces: list[torch.Tensor | None] = []
-        image_start = None
-        for segment in prompt.segments:
-            if segment is IMAGE:
-                before, after = self.backbone.image_wrap
-                pieces.append(self._embed_text(before))
-                image_start = sum(len(p) for p in pieces if p is not None)
-                pieces += [image, self._embed_text(after)]
-            else:
-                pieces.append(self._embed_text(segment))
-        return torch.cat([p for p in pieces if p is not None and len(p)]), image_start
-
-    def _embed_text(self, text: str) -> torch.Tensor | None:
-        if not text:
-            return None
-        ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.backbone.embed_tokens(torch.tensor(ids, device=self.backbone.device))
+        prompts = []
+        for item in batch:
+            text = self._truncate(item.text, item.name) if item.text else None
+            prompt = build_prompt(role, instruction, text, item.image is not None)
+            prompts.append([item.image if segment is IMAGE else segment for segment in prompt.segments])
+        return build_lm_batch(self.backbone, prompts)
 
     def _truncate(self, text: str, name: str) -> str:
         ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -304,24 +277,6 @@ class MagicEmbedder(torch.nn.Module):
             stacklevel=4,
         )
         return self.backbone.tokenizer.decode(ids[:limit])
-
-    def _last_token_states(self, sequences: list[torch.Tensor], spans: Sequence[ImageSpan] = ()) -> torch.Tensor:
-        """Right-pad, run the LM, and take each sequence's last real token (post final norm).
-
-        Right padding plus a causal mask means pad positions never influence real
-        ones, so an input gets the same vector alone or in any batch.
-        """
-        lengths = torch.tensor([len(s) for s in sequences], device=self.backbone.device)
-        longest = int(lengths.max())
-        hidden = sequences[0].shape[-1]
-        embeds = sequences[0].new_zeros(len(sequences), longest, hidden)
-        mask = torch.zeros(len(sequences), longest, dtype=torch.long, device=self.backbone.device)
-        for i, seq in enumerate(sequences):
-            embeds[i, : len(seq)] = seq
-            mask[i, : len(seq)] = 1
-        extra = self.backbone.decoder_kwargs(list(spans), mask)  # e.g. Qwen-VL's M-RoPE positions
-        states = self.backbone.decoder(inputs_embeds=embeds, attention_mask=mask, **extra).last_hidden_state
-        return states[torch.arange(len(sequences), device=states.device), lengths - 1]
 
     # -- description ----------------------------------------------------------------
     def info(self, image_size: tuple[int, int] = (448, 448)) -> dict[str, Any]:

@@ -13,11 +13,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from PIL import Image, UnidentifiedImageError
 
 from magic_mm.errors import BadImageError, BadInputError, BadTextError
+
+if TYPE_CHECKING:
+    from magic_mm.model.backbones.base import VisionGrid
 
 ImageLike = Union[str, os.PathLike, Image.Image, bytes]
 
@@ -49,8 +52,39 @@ class PreparedInput:
     """An input after validation: a decoded RGB image and/or a non-empty text."""
 
     text: str | None
-    image: Image.Image | None
+    image: Image.Image | VisionGrid | None  # a VisionGrid: the image's cached vision features (training)
     name: str
+
+
+class PathAsTextWarning(UserWarning):
+    """A ``str`` input names an existing image file; it is embedded as text, not as the image."""
+
+
+# Warned once per process: a list of 10 000 path strings should not print 10 000 warnings.
+_path_as_text_warned = False
+
+
+def _warn_if_image_path(text: str, name: str) -> None:
+    """``str`` is always text; but a ``str`` that names an image file is almost always a mistake."""
+    global _path_as_text_warned
+    if _path_as_text_warned or "\n" in text or len(text) > 1024:
+        return
+    path = Path(text).expanduser()
+    if path.suffix.lower() not in Image.registered_extensions():
+        return
+    try:
+        exists = path.is_file()
+    except OSError:  # e.g. a name too long for the file system: not a path
+        return
+    if exists:
+        _path_as_text_warned = True
+        warnings.warn(
+            f"{name}: this str names an image file, but a str is embedded as text (the file name), "
+            f"not as the image; pass pathlib.Path({text!r}) to embed the picture "
+            "(warned once per process)",
+            PathAsTextWarning,
+            stacklevel=3,
+        )
 
 
 def as_input(item: Any) -> MMInput:
@@ -133,6 +167,8 @@ def prepare(item: Any, index: int | None = None, max_pixels: int = MAX_IMAGE_PIX
         return item
     mm = as_input(item)
     name = mm.describe() if index is None else f"input #{index} ({mm.describe()})"
+    if isinstance(item, str):
+        _warn_if_image_path(item, name)
     if mm.text is None and mm.image is None:
         raise BadInputError(f"{name}: has neither a text nor an image")
     text = mm.text

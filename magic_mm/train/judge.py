@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from magic_mm.errors import UserError
+from magic_mm.model.backbones.base import VisionGrid
 from magic_mm.model.inputs import load_image
 from magic_mm.train.config import JudgeConfig
 
@@ -91,7 +92,7 @@ class SelfJudge(Judge):
         self.model = MagicEmbedder.from_pretrained(folder)
         self.name = f"self:{folder}"
         # The trainer's cached vision grids (same frozen encoder), so the judge skips the encoder.
-        self.grids: dict[str, torch.Tensor] = {}
+        self.grids: dict[str, VisionGrid] = {}
 
     def logits(self, question: str, image: Path | None) -> tuple[float, float]:
         return self.logits_many(question, [image])[0]
@@ -99,7 +100,6 @@ class SelfJudge(Judge):
     def logits_many(self, question: str, images: list[Path | None]) -> list[tuple[float, float]]:
         """One padded batch when every image has a cached grid (the stage-3 case), else one by one."""
         from magic_mm.model.generative import GenExample, yes_no_logits
-        from magic_mm.train.features import precomputed_vision
 
         def example(picture: Any) -> GenExample:
             head = [picture, "\n"] if picture is not None else []
@@ -107,8 +107,7 @@ class SelfJudge(Judge):
 
         with torch.no_grad():
             if images and all(i is not None and str(i) in self.grids for i in images):
-                with precomputed_vision(self.model.backbone):
-                    out = yes_no_logits(self.model, [example(self.grids[str(i)]) for i in images])
+                out = yes_no_logits(self.model, [example(self.grids[str(i)]) for i in images])
             else:
                 out = torch.cat([yes_no_logits(self.model, [example(load_image(i) if i is not None else None)])
                                  for i in images])

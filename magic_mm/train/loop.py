@@ -147,11 +147,16 @@ class Trainer:
         return model.train()
 
     def _optimizer(self) -> torch.optim.Optimizer:
+        """Two learning-rate groups: the modules the backbone declares trainable (connector,
+        projector, Qwen-VL's mergers) at ``connector_lr``; everything else trained (LoRA, or
+        the LM itself) at ``lr``."""
         cfg = self.config.optim
+        connector_ids = {id(p) for module in self.embedder.backbone.trainable_modules().values()
+                         for p in module.parameters()}
         connector, rest = [], []
-        for name, p in self.model.named_parameters():
+        for p in self.model.parameters():
             if p.requires_grad:
-                (connector if ".connector." in f".{name}" or "projector" in name else rest).append(p)
+                (connector if id(p) in connector_ids else rest).append(p)
         groups = [{"params": g, "lr": lr} for g, lr in ((connector, cfg.connector_lr), (rest, cfg.lr)) if g]
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 

@@ -24,7 +24,6 @@ from magic_mm.model.embedder import MagicEmbedder
 from magic_mm.model.generative import answer_loss, build_batch
 from magic_mm.model.inputs import PreparedInput
 from magic_mm.model.reranker import MagicReranker
-from magic_mm.train.features import precomputed_vision
 from magic_mm.train.loop import FINAL_MODEL, Trainer, batch_indices
 from magic_mm.train.pairs import CaptionPairs
 from magic_mm.train.stage3 import JUDGEMENTS_FILE
@@ -81,11 +80,7 @@ class RerankerTrainer(Trainer):
             slot = int(rng.integers(0, len(negs) + 1))
             order = negs[:slot] + [self.pairs.owner[q]] + negs[slot:]
             listwise.append(reranker.listwise_example(query, [self.candidate(i) for i in order], slot))
-        if cfg.cache_vision:
-            with precomputed_vision(self.embedder.backbone):
-                point_loss, list_loss = self._losses(reranker, pointwise, labels, listwise)
-        else:
-            point_loss, list_loss = self._losses(reranker, pointwise, labels, listwise)
+        point_loss, list_loss = self._losses(reranker, pointwise, labels, listwise)
         loss = cfg.reranker.pointwise_weight * point_loss + cfg.reranker.listwise_weight * list_loss
         self.accelerator.backward(loss)
         return {"loss": float(loss.detach()), "pointwise": float(point_loss.detach()),

@@ -12,7 +12,6 @@ import torch
 
 from magic_mm.model.embedder import MagicEmbedder
 from magic_mm.model.generative import GenExample, answer_loss, build_batch
-from magic_mm.train.features import precomputed_vision
 from magic_mm.train.loop import Trainer, batch_indices
 from magic_mm.train.pairs import CaptionPairs
 
@@ -45,12 +44,7 @@ class GenerativeTrainer(Trainer):
         cfg = self.config
         picks = batch_indices(len(self.examples), cfg.batch_size, step, cfg.seed)
         picks = picks[self.accelerator.process_index :: self.accelerator.num_processes]
-        examples = [self.example(i) for i in picks]
-        if cfg.cache_vision:
-            with precomputed_vision(self.embedder.backbone):
-                loss = self._loss(examples)
-        else:
-            loss = self._loss(examples)
+        loss = self._loss([self.example(i) for i in picks])
         self.accelerator.backward(loss)
         return {"loss": float(loss.detach())}
 

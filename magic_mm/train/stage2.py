@@ -17,7 +17,6 @@ import torch
 
 from magic_mm.model.embedder import MagicEmbedder
 from magic_mm.model.inputs import PreparedInput
-from magic_mm.train.features import precomputed_vision
 from magic_mm.train.gradcache import contrastive_backward
 from magic_mm.train.loop import Trainer, batch_indices
 from magic_mm.train.losses import caption_image_loss
@@ -48,11 +47,7 @@ class ContrastiveTrainer(Trainer):
         return self.vision.item(path) if self.config.cache_vision else path
 
     def embed(self, items: Sequence[Any], role: str, instruction: str | None = None) -> torch.Tensor:
-        prepared = self.embedder.prepare(items)
-        if self.config.cache_vision:
-            with precomputed_vision(self.embedder.backbone):
-                return self.model_forward(prepared, role, instruction)
-        return self.model_forward(prepared, role, instruction)
+        return self.model_forward(self.embedder.prepare(items), role, instruction)
 
     def model_forward(self, items: list[PreparedInput], role: str, instruction: str | None) -> torch.Tensor:
         return self.model("embed_prepared", items, role, instruction)

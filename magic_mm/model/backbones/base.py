@@ -10,17 +10,21 @@ compression, pooling, training and serving are written once:
 4. ``decoder``      – a transformers base model whose ``last_hidden_state`` is
    the final, post-norm hidden state.
 
-``encode_images`` strings 1–3 together for a batch of images.
-
-Families whose LM needs more than ``inputs_embeds`` and ``attention_mask`` (e.g.
-Qwen-VL's 3-D rotary positions) return the extra decoder arguments from
-``decoder_kwargs``, given where each image's tokens landed in the padded batch.
+``vision_features`` runs steps 1–2 (a ``VisionGrid`` per image, which training
+caches because the vision encoder is frozen); ``encode_images`` takes images or
+such grids and returns one ``ImageTokens`` per image: its LM input embeddings
+together with everything the LM needs to know about them (marker texts, Qwen's
+grid, DeepStack features).  ``magic_mm.model.lm_batch`` splices them into a
+padded batch and asks the backbone for that batch's positions and extra decoder
+arguments (``position_ids`` / ``decoder_kwargs``).  Nothing about an image is
+kept on the backbone between calls.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -31,13 +35,40 @@ from magic_mm.model.compression import Compression
 
 
 @dataclass(frozen=True)
-class ImageSpan:
-    """Where one image's tokens sit in an assembled, right-padded LM batch."""
+class VisionGrid:
+    """One image's uncompressed vision features, and the tiling they came from.
 
-    row: int  # which sequence of the batch
-    start: int  # position of its first token
-    length: int  # how many tokens (the length ``encode_images`` returned for it)
-    image: int  # index of the image in the latest ``encode_images`` call
+    What the frozen vision encoder produces; ``encode_images`` accepts it in place
+    of the image (training caches these, see ``magic_mm.train.features``).
+    """
+
+    features: torch.Tensor  # (T, h, w, C), one grid per tile
+    layout: tuple[int, ...] = ()  # family-specific tiling, e.g. Idefics3's (rows, cols)
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """One image as the LM sees it, with its metadata carried alongside.
+
+    The LM sequence of an image is ``markers[0], tokens of piece 0, markers[1], ...,
+    markers[-1]``: ``markers`` are texts (e.g. InternVL's ``<img>`` / ``</img>``,
+    Idefics3's per-tile ``<row_1_col_1>``), ``pieces`` split ``embeds`` into the
+    runs of visual tokens between them.
+    """
+
+    embeds: torch.Tensor  # (n, D) visual tokens of every piece, in order
+    markers: tuple[str, ...]  # len(pieces) + 1 texts around the pieces
+    pieces: tuple[int, ...]  # visual-token count of each piece; sums to n
+    grid_thw: tuple[int, int, int] | None = None  # Qwen-VL: compressed patch grid (for M-RoPE)
+    deepstack: tuple[torch.Tensor, ...] = ()  # Qwen3-VL: one (n, D) tensor per DeepStack level
+
+    def __post_init__(self) -> None:
+        if len(self.markers) != len(self.pieces) + 1 or sum(self.pieces) != len(self.embeds):
+            raise ValueError(f"{len(self.embeds)} visual tokens in pieces {self.pieces} with "
+                             f"{len(self.markers)} markers do not fit together")
+
+
+ImageInput = Image.Image | VisionGrid  # what ``encode_images`` takes per image
 
 
 class Backbone(nn.Module, ABC):
@@ -65,6 +96,12 @@ class Backbone(nn.Module, ABC):
         """A spec for a tiny randomly initialised model, for tests."""
 
     # -- the pipeline ---------------------------------------------------------------
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        """Thread-safe image work done ahead of ``image_tiles`` on a decode worker thread
+        (``MagicEmbedder.encode`` overlaps it with the model); must not change what
+        ``image_tiles`` returns.  Default: nothing."""
+        return image
+
     @abstractmethod
     def image_tiles(self, image: Image.Image) -> torch.Tensor:
         """``(T, 3, H, W)`` normalised pixels for one RGB image."""
@@ -104,17 +141,28 @@ class Backbone(nn.Module, ABC):
         """The grid size after compression; backbones may round it (see InternVL)."""
         return self.compression.output_grid(height, width)
 
-    def encode_images(self, images: list[Image.Image]) -> list[torch.Tensor]:
-        """Visual-token embeddings ``(n_i, D)`` for each image (tiles concatenated)."""
+    def vision_features(self, images: Sequence[Image.Image]) -> list[VisionGrid]:
+        """Uncompressed vision grids, one vision-encoder call for every tile of ``images``."""
         tiles = [self.image_tiles(img) for img in images]
-        pixels = torch.cat(tiles).to(self.device, self.dtype)
-        grid = self.vision_grid(pixels)
-        grid = self.compression(grid, target=self.token_grid(grid.shape[1], grid.shape[2]))
-        tokens = self.connect(grid)
-        out, start = [], 0
-        for t in tiles:
-            out.append(tokens[start : start + len(t)].reshape(-1, tokens.shape[-1]))
-            start += len(t)
+        grid = self.vision_grid(torch.cat(tiles).to(self.device, self.dtype))
+        return [VisionGrid(part) for part in grid.split([len(t) for t in tiles])]
+
+    def encode_images(self, images: Sequence[ImageInput]) -> list[ImageTokens]:
+        """LM input of each image (a PIL image, or its ``VisionGrid`` computed earlier)."""
+        pictures = [img for img in images if not isinstance(img, VisionGrid)]
+        computed = iter(self.vision_features(pictures) if pictures else [])
+        grids = [img if isinstance(img, VisionGrid) else next(computed) for img in images]
+        return self.image_tokens(grids) if grids else []
+
+    def image_tokens(self, grids: list[VisionGrid]) -> list[ImageTokens]:
+        """Compression → connector → ``ImageTokens`` (all tiles, same size, in one call)."""
+        features = torch.cat([g.features for g in grids]).to(self.device, self.dtype)
+        compressed = self.compression(features, target=self.token_grid(features.shape[1], features.shape[2]))
+        tokens = self.connect(compressed)
+        out = []
+        for part in tokens.split([len(g.features) for g in grids]):
+            embeds = part.reshape(-1, part.shape[-1])
+            out.append(ImageTokens(embeds, self.image_wrap, (len(embeds),)))
         return out
 
     def feature_grid_size(self, tile_height: int, tile_width: int) -> tuple[int, int]:
@@ -145,8 +193,18 @@ class Backbone(nn.Module, ABC):
         """Tokens the connector emits for a compressed grid (InternVL halves each side)."""
         return height * width
 
-    def decoder_kwargs(self, spans: list[ImageSpan], attention_mask: torch.Tensor) -> dict[str, Any]:
-        """Extra decoder arguments for a padded batch (default none: ordinary 1-D positions)."""
+    def position_ids(self, attention_mask: torch.Tensor, visual_mask: torch.Tensor,
+                     images: Sequence[ImageTokens]) -> torch.Tensor:
+        """Positions of a right-padded batch: ordinary 1-D ``0..L-1`` per row by default.
+
+        ``visual_mask`` ``(B, L)`` marks every visual token; ``images`` are the batch's
+        images in the order their tokens appear in it (row by row, left to right).
+        """
+        rows, length = attention_mask.shape
+        return torch.arange(length, device=attention_mask.device).expand(rows, length)
+
+    def decoder_kwargs(self, visual_mask: torch.Tensor, images: Sequence[ImageTokens]) -> dict[str, Any]:
+        """Decoder arguments beyond embeddings, mask and positions (default none; Qwen3-VL's DeepStack)."""
         return {}
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ the connector's projection expects the channels of exactly one r×r shuffle.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from PIL import Image
 from torch import nn
 
 from magic_mm.errors import CompressionSpecError, ModelFolderError
-from magic_mm.model.backbones.base import Backbone, count_parameters
+from magic_mm.model.backbones.base import Backbone, ImageTokens, VisionGrid, count_parameters
 from magic_mm.model.compression import Compression
 
 TINY = "tiny-random"
@@ -173,28 +174,25 @@ class Idefics3Backbone(Backbone):
                 markers.append(f"{lead}{FAKE_TOKEN}<row_{r + 1}_col_{c + 1}>")
         return markers + [f"\n\n{FAKE_TOKEN}{GLOBAL_TOKEN}", FAKE_TOKEN]
 
-    def encode_images(self, images: list[Image.Image]) -> list[torch.Tensor]:
-        """Visual tokens of every tile, interleaved with the tile-marker text embeddings."""
-        if not all(isinstance(img, Image.Image) for img in images):
-            raise TypeError("idefics3 lays out its tile markers from each image's tiling; pass images")
-        prepared = [self._tiles_and_layout(img) for img in images]
-        markers = [self.tile_markers(rows, cols) for _, rows, cols in prepared]
+    def vision_features(self, images: Sequence[Image.Image]) -> list[VisionGrid]:
+        """Every tile's grid in one vision call; each image keeps its (rows, cols) tiling for its markers."""
+        prepared = [self._tiles_and_layout(image) for image in images]
         grid = self.vision_grid(torch.cat([tiles for tiles, _, _ in prepared]).to(self.device, self.dtype))
-        grid = self.compression(grid, target=self.token_grid(grid.shape[1], grid.shape[2]))
-        tokens = self.connect(grid)
-        out, start = [], 0
-        for image_markers in markers:
-            pieces = []
-            for i, marker in enumerate(image_markers[:-1]):
-                pieces += [self._embed_text(marker), tokens[start + i]]
-            pieces.append(self._embed_text(image_markers[-1]))
-            out.append(torch.cat(pieces))
-            start += len(image_markers) - 1
-        return out
+        parts = grid.split([len(tiles) for tiles, _, _ in prepared])
+        return [VisionGrid(part, (rows, cols)) for part, (_, rows, cols) in zip(parts, prepared)]
 
-    def _embed_text(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.device))
+    def image_tokens(self, grids: list[VisionGrid]) -> list[ImageTokens]:
+        """Each tile's visual tokens as one piece, behind the tile-marker text the checkpoints were trained with."""
+        for vision in grids:
+            if len(vision.layout) != 2:
+                raise ValueError("an idefics3 vision grid needs its (rows, cols) tiling; "
+                                 "compute it with vision_features (a cache from an older version lacks it)")
+        out = []
+        for vision, image in zip(grids, super().image_tokens(grids)):
+            tiles = len(vision.features)
+            out.append(ImageTokens(image.embeds, tuple(self.tile_markers(*vision.layout)),
+                                   (len(image.embeds) // tiles,) * tiles))
+        return out
 
     # -- parts ----------------------------------------------------------------------
     @property

@@ -51,6 +51,7 @@ work) and its output is discarded; benchmarks include that cost at every s.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ from PIL import Image
 from torch import nn
 
 from magic_mm.errors import CompressionSpecError, ModelFolderError
-from magic_mm.model.backbones.base import Backbone, ImageSpan, count_parameters
+from magic_mm.model.backbones.base import Backbone, ImageTokens, VisionGrid, count_parameters
 from magic_mm.model.compression import Compression
 
 TINY = "tiny-random"
@@ -86,14 +87,6 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-@dataclass
-class _EncodedImage:
-    """What ``decoder_kwargs`` needs about an image of the latest ``encode_images`` call."""
-
-    grid: tuple[int, int]  # compressed patch grid (before the 2×2 merge)
-    deepstack: list[torch.Tensor]  # Qwen3-VL: one (n, D) tensor per DeepStack level
-
-
 class QwenVLBackbone(Backbone):
     family = "qwen_vl"
     image_wrap = ("<|vision_start|>", "<|vision_end|>")
@@ -114,7 +107,6 @@ class QwenVLBackbone(Backbone):
         vision = model.config.vision_config
         self.patch_size = int(vision.patch_size)
         self.merge = int(vision.spatial_merge_size)
-        self._latest: list[_EncodedImage] = []
         for name, p in self.visual.named_parameters():
             p.requires_grad_(name.startswith(("merger.", "deepstack_merger_list.")))
 
@@ -259,45 +251,46 @@ class QwenVLBackbone(Backbone):
     def connect(self, grid: torch.Tensor) -> torch.Tensor:
         return self._merge(grid)[0]
 
-    def encode_images(self, images: list[Image.Image]) -> list[torch.Tensor]:
-        """Visual tokens per image (one vision call each: sizes differ); each image's compressed
-        grid and DeepStack features are kept for ``decoder_kwargs``."""
-        tokens, self._latest = [], []
-        for image in images:
-            grid = self.vision_grid(self.image_tiles(image).to(self.device, self.dtype))
+    def vision_features(self, images: Sequence[Image.Image]) -> list[VisionGrid]:
+        """One vision call per image: their sizes differ."""
+        return [VisionGrid(self.vision_grid(self.image_tiles(image).to(self.device, self.dtype))) for image in images]
+
+    def image_tokens(self, grids: list[VisionGrid]) -> list[ImageTokens]:
+        """Merger tokens per image, with its compressed grid (for M-RoPE) and DeepStack features."""
+        out = []
+        for vision in grids:
+            grid = vision.features.to(self.device, self.dtype)
             grid = self.compression(grid, target=self.token_grid(grid.shape[1], grid.shape[2]))
             main, deepstack = self._merge(grid)
-            tokens.append(main.reshape(-1, main.shape[-1]))
-            self._latest.append(_EncodedImage((grid.shape[1], grid.shape[2]),
-                                              [d.reshape(-1, d.shape[-1]) for d in deepstack]))
-        return tokens
+            embeds = main.reshape(-1, main.shape[-1])
+            out.append(ImageTokens(embeds, self.image_wrap, (len(embeds),), grid_thw=(1, grid.shape[1], grid.shape[2]),
+                                   deepstack=tuple(d.reshape(-1, d.shape[-1]) for d in deepstack)))
+        return out
 
-    def decoder_kwargs(self, spans: list[ImageSpan], attention_mask: torch.Tensor) -> dict[str, Any]:
-        """3-D rotary positions from the compressed grids (and Qwen3-VL's DeepStack inputs)."""
-        if not spans:
-            return {}  # text only: ordinary positions, as the model itself would use
-        spans = sorted(spans, key=lambda s: (s.row, s.start))
-        types = torch.zeros_like(attention_mask)
-        thw = []
-        for span in spans:
-            image = self._latest[span.image]
-            h, w = image.grid
-            if span.length != self.tokens_per_grid(h, w):
-                raise ValueError(f"image span of {span.length} tokens does not match its {h}×{w} grid")
-            types[span.row, span.start : span.start + span.length] = 1
-            thw.append([1, h, w])
+    def position_ids(self, attention_mask: torch.Tensor, visual_mask: torch.Tensor,
+                     images: Sequence[ImageTokens]) -> torch.Tensor:
+        """3-D rotary positions on the compressed grids, from the model's own ``get_rope_index``."""
+        if not images:
+            return super().position_ids(attention_mask, visual_mask, images)  # text only: what the model would use
+        for image in images:
+            _, h, w = image.grid_thw
+            if len(image.embeds) != self.tokens_per_grid(h, w):
+                raise ValueError(f"image of {len(image.embeds)} tokens does not match its {h}×{w} grid")
         positions, _ = self.model.model.get_rope_index(
-            input_ids=torch.zeros_like(attention_mask), mm_token_type_ids=types,
-            image_grid_thw=torch.tensor(thw, device=attention_mask.device), attention_mask=attention_mask,
+            input_ids=torch.zeros_like(attention_mask), mm_token_type_ids=visual_mask.long(),
+            image_grid_thw=torch.tensor([image.grid_thw for image in images], device=attention_mask.device),
+            attention_mask=attention_mask,
         )
-        extra: dict[str, Any] = {"position_ids": positions}
-        if self.kind.deepstack:
-            levels = len(self.visual.deepstack_visual_indexes)
-            extra["visual_pos_masks"] = types.bool()
-            extra["deepstack_visual_embeds"] = [
-                torch.cat([self._latest[s.image].deepstack[level] for s in spans]) for level in range(levels)
-            ]
-        return extra
+        return positions
+
+    def decoder_kwargs(self, visual_mask: torch.Tensor, images: Sequence[ImageTokens]) -> dict[str, Any]:
+        """Qwen3-VL adds each DeepStack level's features at the visual positions, in mask order."""
+        if not self.kind.deepstack or not images:
+            return {}
+        levels = len(self.visual.deepstack_visual_indexes)
+        return {"visual_pos_masks": visual_mask,
+                "deepstack_visual_embeds": [torch.cat([image.deepstack[level] for image in images])
+                                            for level in range(levels)]}
 
     # -- parts ----------------------------------------------------------------------
     @property

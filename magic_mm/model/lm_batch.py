@@ -1,0 +1,139 @@
+"""The one place that builds LM batches: prompt segments → a right-padded batch.
+
+Every use of the LM goes through here — embedding (``MagicEmbedder.embed_prepared``),
+stage-1 restoration, the self-judge and the reranker — so positions and decoder
+arguments (Qwen-VL's M-RoPE, Qwen3-VL's DeepStack) are right everywhere or nowhere.
+
+A prompt is a list of segments: ``str`` (text), an image (``PIL.Image`` or a cached
+``VisionGrid``; all images of a batch are encoded in one ``encode_images`` call) or
+already encoded ``ImageTokens``.  Each image becomes its marker texts with its runs of
+visual tokens between them.  While splicing, the builder records a ``visual_mask``
+(where visual tokens sit) and the images in the order they appear; the backbone turns
+those into positions and decoder arguments, explicitly, like transformers' own
+placeholder masks.
+
+Right padding plus a causal mask means pad positions never influence real ones,
+so an input gets the same result alone or in any batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from magic_mm.model.backbones.base import Backbone, ImageTokens
+
+IGNORE = -100  # label of positions that are not learned (prompt, padding)
+
+Segment = Any  # str | ImageTokens | PIL.Image | VisionGrid
+
+
+@dataclass
+class LMBatch:
+    """A right-padded batch, ready for ``backbone.decoder(**batch.decoder_inputs())``."""
+
+    embeds: torch.Tensor  # (B, L, D) input embeddings
+    attention_mask: torch.Tensor  # (B, L) 1 for real tokens
+    position_ids: torch.Tensor  # (B, L), or Qwen-VL's (3, B, L) M-RoPE positions
+    visual_mask: torch.Tensor  # (B, L) bool: visual tokens
+    images: list[ImageTokens]  # in the order their tokens appear (row by row)
+    extra: dict[str, Any]  # further decoder arguments (Qwen3-VL's DeepStack features)
+    lengths: torch.Tensor  # (B,) real tokens per row
+    labels: torch.Tensor  # (B, L) answer token ids, IGNORE elsewhere
+    prompt_end: torch.Tensor  # (B,) index of each prompt's last token (its logits predict the answer)
+
+    def decoder_inputs(self) -> dict[str, Any]:
+        return {"inputs_embeds": self.embeds, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids, **self.extra}
+
+    @property
+    def last_token(self) -> torch.Tensor:
+        """(B,) index of each row's last real token."""
+        return self.lengths - 1
+
+
+def build_lm_batch(backbone: Backbone, prompts: Sequence[Sequence[Segment]],
+                   answers: Sequence[str | None] | None = None, eos: bool = True) -> LMBatch:
+    """Embed every prompt (and its answer, appended, with ``eos`` after it) and right-pad them."""
+    answers = list(answers) if answers is not None else [None] * len(prompts)
+    if len(answers) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    raw = [s for prompt in prompts for s in prompt if not isinstance(s, (str, ImageTokens))]
+    encoded = iter(backbone.encode_images(raw) if raw else [])
+    device = backbone.device
+    rows: list[tuple[torch.Tensor, torch.Tensor, list[int], int]] = []  # embeds, visual flags, labels, prompt end
+    images: list[ImageTokens] = []
+    for prompt, answer in zip(prompts, answers):
+        pieces: list[torch.Tensor] = []
+        visual: list[torch.Tensor] = []
+
+        def add(embeds: torch.Tensor, is_visual: bool) -> None:
+            pieces.append(embeds)
+            visual.append(torch.full((len(embeds),), is_visual, dtype=torch.bool, device=device))
+
+        for segment in prompt:
+            if isinstance(segment, str):
+                add(embed_text(backbone, segment), False)
+                continue
+            image = segment if isinstance(segment, ImageTokens) else next(encoded)
+            images.append(image)
+            start = 0
+            for marker, size in zip(image.markers, image.pieces):
+                add(embed_text(backbone, marker), False)
+                add(image.embeds[start : start + size], True)
+                start += size
+            add(embed_text(backbone, image.markers[-1]), False)
+        prompt_length = sum(len(p) for p in pieces)
+        if prompt_length == 0:
+            raise ValueError("an LM prompt needs at least one token")
+        answer_ids = answer_token_ids(backbone, answer, eos) if answer is not None else []
+        add(embed_ids(backbone, answer_ids), False)
+        rows.append((torch.cat(pieces), torch.cat(visual), [IGNORE] * prompt_length + answer_ids, prompt_length - 1))
+
+    longest = max(len(r[0]) for r in rows)
+    first = rows[0][0]
+    embeds = first.new_zeros(len(rows), longest, first.shape[-1])
+    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+    visual_mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=device)
+    labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long, device=device)
+    for i, (row_embeds, row_visual, row_labels, _) in enumerate(rows):
+        n = len(row_embeds)
+        embeds[i, :n] = row_embeds
+        mask[i, :n] = 1
+        visual_mask[i, :n] = row_visual
+        labels[i, :n] = torch.tensor(row_labels, dtype=torch.long, device=device)
+    # The placeholder check transformers' own models make: every visual token is accounted for.
+    if int(visual_mask.sum()) != sum(len(image.embeds) for image in images):
+        raise ValueError("visual tokens in the batch do not match the images' tokens")
+    return LMBatch(
+        embeds=embeds, attention_mask=mask,
+        position_ids=backbone.position_ids(mask, visual_mask, images),
+        visual_mask=visual_mask, images=images, extra=backbone.decoder_kwargs(visual_mask, images),
+        lengths=mask.sum(dim=1), labels=labels,
+        prompt_end=torch.tensor([r[3] for r in rows], device=device),
+    )
+
+
+def hidden_states(backbone: Backbone, batch: LMBatch) -> torch.Tensor:
+    """``(B, L, D)`` final, post-norm hidden states of the batch."""
+    return backbone.decoder(**batch.decoder_inputs(), use_cache=False).last_hidden_state
+
+
+def embed_text(backbone: Backbone, text: str) -> torch.Tensor:
+    """Token embeddings ``(n, D)`` of ``text`` (no special tokens; empty text → 0 rows)."""
+    ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return embed_ids(backbone, ids)
+
+
+def embed_ids(backbone: Backbone, ids: list[int]) -> torch.Tensor:
+    return backbone.embed_tokens(torch.tensor(ids, dtype=torch.long, device=backbone.device))
+
+
+def answer_token_ids(backbone: Backbone, answer: str, eos: bool = True) -> list[int]:
+    ids = backbone.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if eos and backbone.tokenizer.eos_token_id is not None:
+        ids = ids + [backbone.tokenizer.eos_token_id]
+    return ids
