@@ -30,6 +30,7 @@ def trainer_for(stage: str, config_path: Path, quiet: bool = False, overrides: l
 
 
 def _run(stage: str, config: Path, as_json: bool, quiet: bool, stop_after: int | None, overrides: list[str] | None) -> None:
+    from magic_mm.train import distributed
     from magic_mm.train.loop import LOG_FILE, StopTraining
 
     trainer = trainer_for(stage, config, quiet or as_json, overrides)
@@ -38,6 +39,10 @@ def _run(stage: str, config: Path, as_json: bool, quiet: bool, stop_after: int |
     except StopTraining:
         trainer.save_checkpoint()  # the step finished, so this is an exact resume point
         folder = None
+    main = distributed.is_main()
+    distributed.close()
+    if not main:
+        return  # one process reports (under torchrun every rank runs this command)
     log = trainer.out / LOG_FILE
     last = json.loads(log.read_text().splitlines()[-1]) if log.is_file() and log.read_text().strip() else {}
     summary = {"stage": stage, "model": str(folder) if folder else None, "steps": trainer.step,

@@ -7,6 +7,13 @@
 
 The parameter gradients equal those of one plain step on the whole batch.  The
 random-number state is replayed per chunk so dropout masks match step 1.
+
+Across processes, ``queries`` and ``candidates`` are this rank's shares and
+``gather`` (``distributed.all_gather_with_grad``) joins every rank's vectors before
+the loss, keeping autograd on the rank's own slice; each rank back-propagates the
+global loss into its own embeddings only, and the caller sums the parameter
+gradients over ranks.  With GradCache the gathered vectors are leaves of step 2,
+so step 3 needs nothing more.
 """
 
 from __future__ import annotations
@@ -18,6 +25,12 @@ import torch
 
 Embed = Callable[[Sequence[Any]], torch.Tensor]
 Backward = Callable[[torch.Tensor], None]
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _embed(embed: Embed, items: Sequence[Any]) -> torch.Tensor:
+    """``embed(items)``; an empty share (more processes than items) is an empty tensor."""
+    return embed(items) if len(items) else torch.zeros(0)
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -32,13 +45,15 @@ def contrastive_backward(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     chunk_size: int | None = None,
     backward: Backward = lambda loss: loss.backward(),
+    gather: Gather = lambda local: local,
 ) -> float:
     """Run forward + backward for one contrastive step; returns the loss value.
 
     ``chunk_size`` None (or at least the batch) is a plain step; otherwise GradCache.
+    ``gather`` turns this process's vectors into the global batch's (identity in one process).
     """
     if chunk_size is None or chunk_size >= max(len(queries), len(candidates)):
-        loss = loss_fn(embed_queries(queries), embed_candidates(candidates))
+        loss = loss_fn(gather(_embed(embed_queries, queries)), gather(_embed(embed_candidates, candidates)))
         backward(loss)
         return float(loss.detach())
 
@@ -51,11 +66,11 @@ def contrastive_backward(
             with torch.no_grad():
                 parts.append(embed(chunk).detach())
             cached.append((embed, chunk, state))
-        reps.append(torch.cat(parts).requires_grad_(True))
+        reps.append(torch.cat(parts).requires_grad_(True) if parts else torch.zeros(0))
     q, c = reps
-    loss = loss_fn(q, c)
-    loss.backward()  # only reaches the two leaf tensors
-    grads = torch.cat([q.grad, c.grad])
+    loss = loss_fn(gather(q), gather(c))
+    loss.backward()  # only reaches the two (local) leaf tensors
+    grads = torch.cat([g for g in (q.grad, c.grad) if g is not None])
     offset = 0
     for embed, chunk, state in cached:
         saved = torch.random.get_rng_state()

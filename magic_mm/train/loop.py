@@ -10,10 +10,18 @@ Checkpoints (``OUTPUT/checkpoint/``) hold only what is trained (connector, LoRA)
 plus optimiser, scheduler, RNG and step; the frozen base model is rebuilt from
 its name.  They are written to a temporary folder and renamed, so a kill while
 saving leaves the previous checkpoint intact.
+
+Several processes (``torchrun`` / ``accelerate launch``): ``batch_size`` is the
+global batch and each rank works on its share of it (see ``distributed.py``).  A
+stage's ``train_step`` back-propagates, through ``backward``, this rank's additive
+contribution to the global-batch loss; the loop then sums the trained gradients
+over ranks, so a step equals one process's step on the same global batch.  Only
+rank 0 writes logs, checkpoints and models; every rank's RNG state is checkpointed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -29,7 +37,8 @@ from safetensors.torch import load_file, save_file
 
 from magic_mm.model.config import EmbedderConfig
 from magic_mm.model.embedder import MagicEmbedder
-from magic_mm.train.config import TrainConfig, config_to_dict
+from magic_mm.train import distributed
+from magic_mm.train.config import ConfigError, TrainConfig, config_to_dict
 from magic_mm.train.features import VisionCache
 
 CHECKPOINT = "checkpoint"
@@ -72,11 +81,13 @@ class ModelCall(torch.nn.Module):
     def __init__(self, embedder: MagicEmbedder) -> None:
         super().__init__()
         self.embedder = embedder
+        self.autocast: Callable[[], Any] = contextlib.nullcontext  # mixed precision when not wrapped
 
     def forward(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if callable(method):
-            return method(self.embedder, *args, **kwargs)
-        return getattr(self.embedder, method)(*args, **kwargs)
+        with self.autocast():
+            if callable(method):
+                return method(self.embedder, *args, **kwargs)
+            return getattr(self.embedder, method)(*args, **kwargs)
 
 
 class Trainer:
@@ -87,14 +98,28 @@ class Trainer:
 
         self.config = config
         self.out = config.output_dir
+        distributed.init()  # torchrun's environment → a gloo (CPU) or nccl (CUDA) process group
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
                                        cpu=not torch.cuda.is_available())
+        if config.batch_size < distributed.world():
+            raise ConfigError(f"batch_size {config.batch_size} is the global batch: it must be at least the "
+                              f"number of processes ({distributed.world()})")
         set_seed(config.seed)
         self.model: torch.nn.Module = ModelCall(self.build_model()).to(self.accelerator.device)
         self.optimizer = self._optimizer()
+        # not handed to accelerate: its scheduler wrapper steps once per process per step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
-            self.model, self.optimizer, self.scheduler)
+        # FSDP/DeepSpeed (from `accelerate launch --config_file`) shard the model, so accelerate wraps it and
+        # averages gradients itself.  Otherwise the model stays unwrapped and the loop sums gradients
+        # over ranks (one flat all-reduce of the trained parameters, which are small).
+        from accelerate.utils import DistributedType
+
+        self.wrapped = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if self.wrapped:
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        else:
+            self.model.autocast = self.accelerator.autocast
+            self.optimizer = self.accelerator.prepare(self.optimizer)
         self.step = 0
 
     # -- to implement -----------------------------------------------------------------
@@ -102,8 +127,29 @@ class Trainer:
         raise NotImplementedError
 
     def train_step(self, step: int) -> dict[str, float]:
-        """Forward + backward for global step ``step``; returns at least ``{"loss": …}``."""
+        """Forward + ``backward`` for global step ``step``; returns at least ``{"loss": …}``, the
+        global batch's loss (the same on every rank)."""
         raise NotImplementedError
+
+    def backward(self, contribution: torch.Tensor) -> None:
+        """Back-propagate this rank's additive share of the global-batch loss.
+
+        The loop sums gradients over ranks afterwards; a wrapper that averages them
+        (FSDP, DeepSpeed) gets the share times the number of processes instead.
+        """
+        self.accelerator.backward(contribution * distributed.world() if self.wrapped else contribution)
+
+    def share_of_mean(self, local_mean: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
+        """This rank's mean over its ``count`` loss terms → (its contribution to the mean over every
+        rank's terms, that global mean's value).  One process: ``(local_mean, its value)``."""
+        total, summed = distributed.all_reduce_sum([count, float(local_mean.detach()) * count])
+        if total == count:
+            return local_mean, float(local_mean.detach())
+        return local_mean * (count / total), summed / total
+
+    def sync_gradients(self) -> None:
+        if not self.wrapped:
+            distributed.all_reduce_grads(p for p in self.model.parameters() if p.requires_grad)
 
     def prepare_run(self) -> None:
         """Once per process start, after resuming (e.g. build caches)."""
@@ -120,7 +166,12 @@ class Trainer:
         cache = VisionCache()
         if self.config.cache_vision:
             file = Path(self.config.vision_cache_file) if self.config.vision_cache_file else self.out / VISION_CACHE_FILE
-            cache.build(self.embedder.backbone, paths, self.config.show_progress, file)
+            main = distributed.is_main()
+            if not main:
+                distributed.barrier()  # rank 0 computes and writes the file; the others then read it
+            cache.build(self.embedder.backbone, paths, self.config.show_progress and main, file)
+            if main:
+                distributed.barrier()
         return cache
 
     # -- model set-up helpers -------------------------------------------------------
@@ -180,6 +231,10 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> None:
+        """Write the checkpoint (rank 0); every rank must call it, as it gathers their RNG states."""
+        rng = distributed.all_gather_objects({
+            "torch": torch.random.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
         if not self.accelerator.is_main_process:
             return
         tmp = self.out / (CHECKPOINT + ".tmp")
@@ -190,8 +245,7 @@ class Trainer:
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.random.get_rng_state(), "numpy": np.random.get_state(),
-                    "python": random.getstate()},
+            "rng": rng[0], "rng_per_rank": rng,
         }, tmp / "state.pt")
         final = self.out / CHECKPOINT
         old = self.out / (CHECKPOINT + ".old")
@@ -217,9 +271,16 @@ class Trainer:
         state = torch.load(folder / "state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.random.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        per_rank = state.get("rng_per_rank", [state["rng"]])
+        if len(per_rank) != distributed.world():
+            raise ConfigError(f"{folder}: checkpoint written by {len(per_rank)} process(es); resume it with "
+                              f"the same number (now {distributed.world()})")
+        rng = per_rank[distributed.rank()]
+        torch.random.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
         return int(state["step"])
 
     # -- the loop -------------------------------------------------------------------
@@ -238,22 +299,28 @@ class Trainer:
         """
         from magic_mm.progress import progress
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        import yaml
+        main = self.accelerator.is_main_process
+        if main:
+            import yaml
 
-        (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        distributed.barrier()
         self.step = self.load_checkpoint()
-        self._truncate_log(self.step)
+        if main:
+            self._truncate_log(self.step)
         self.prepare_run()
         total = self.total_steps
-        show = self.config.show_progress and self.accelerator.is_main_process
-        with progress(total, show, f"{self.config.stage}") as advance, (self.out / LOG_FILE).open("a") as log:
+        show = self.config.show_progress and main
+        log_file = (self.out / LOG_FILE).open("a") if main else contextlib.nullcontext()
+        with progress(total, show, f"{self.config.stage}") as advance, log_file as log:
             advance(self.step)
             while self.step < total:
                 started = time.time()
                 self.before_step(self.step)
                 self.model.train()
                 metrics = self.train_step(self.step)
+                self.sync_gradients()
                 if self.config.optim.max_grad_norm:
                     self.accelerator.clip_grad_norm_(
                         [p for p in self.model.parameters() if p.requires_grad], self.config.optim.max_grad_norm)
@@ -262,14 +329,14 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                if self.accelerator.is_main_process and (self.step % self.config.log_every == 0 or self.step == total):
+                if main and (self.step % self.config.log_every == 0 or self.step == total):
                     record = {"step": self.step, **{k: round(v, 6) for k, v in metrics.items()},
                               "lr": lrs[-1], "lr_groups": lrs, "seconds": round(time.time() - started, 3)}
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 if self.step % self.config.checkpoint_every == 0 or self.step == total:
                     self.save_checkpoint()
-                if self.step in self.config.snapshot_steps and self.accelerator.is_main_process:
+                if self.step in self.config.snapshot_steps and main:
                     self.embedder.save_pretrained(self.out / f"{FINAL_MODEL}-step{self.step}")
                 advance(1)
                 if stop_after is not None and self.step >= stop_after and self.step < total:

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from magic_mm.errors import UserError
 from magic_mm.model.embedder import MagicEmbedder
-from magic_mm.model.generative import answer_loss, build_batch
+from magic_mm.model.generative import IGNORE, answer_loss, build_batch
 from magic_mm.model.inputs import PreparedInput
 from magic_mm.model.reranker import MagicReranker
+from magic_mm.train import distributed
 from magic_mm.train.loop import FINAL_MODEL, Trainer, batch_indices
 from magic_mm.train.pairs import CaptionPairs
 from magic_mm.train.stage3 import JUDGEMENTS_FILE
@@ -64,7 +65,7 @@ class RerankerTrainer(Trainer):
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
         picks = batch_indices(len(self.queries), cfg.batch_size, step, cfg.seed)
-        picks = picks[self.accelerator.process_index :: self.accelerator.num_processes]
+        picks = distributed.shard(picks)  # this rank's share of the global batch
         reranker = MagicReranker(self.embedder)
         pointwise, labels, listwise = [], [], []
         for p in picks:
@@ -80,18 +81,20 @@ class RerankerTrainer(Trainer):
             slot = int(rng.integers(0, len(negs) + 1))
             order = negs[:slot] + [self.pairs.owner[q]] + negs[slot:]
             listwise.append(reranker.listwise_example(query, [self.candidate(i) for i in order], slot))
-        point_loss, list_loss = self._losses(reranker, pointwise, labels, listwise)
-        loss = cfg.reranker.pointwise_weight * point_loss + cfg.reranker.listwise_weight * list_loss
-        self.accelerator.backward(loss)
-        return {"loss": float(loss.detach()), "pointwise": float(point_loss.detach()),
-                "listwise": float(list_loss.detach())}
+        point_loss, list_loss, tokens = self._losses(reranker, pointwise, labels, listwise)
+        # each loss is a mean over the global batch: pointwise over its examples, listwise over answer tokens
+        point_share, point_value = self.share_of_mean(point_loss, len(pointwise))
+        list_share, list_value = self.share_of_mean(list_loss, tokens)
+        w_point, w_list = cfg.reranker.pointwise_weight, cfg.reranker.listwise_weight
+        self.backward(w_point * point_share + w_list * list_share)
+        return {"loss": w_point * point_value + w_list * list_value, "pointwise": point_value, "listwise": list_value}
 
-    def _losses(self, reranker: MagicReranker, pointwise, labels, listwise) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    def _losses(self, reranker: MagicReranker, pointwise, labels, listwise) -> tuple[torch.Tensor, torch.Tensor, int]:  # noqa: ANN001
         yes_no = self.model(lambda _m, ex: reranker.yes_no(ex), pointwise)
         point_loss = F.cross_entropy(yes_no.float(), torch.tensor(labels, device=yes_no.device))
         batch = build_batch(self.embedder, listwise, eos=False)
         list_loss = self.model(answer_loss, batch)
-        return point_loss, list_loss
+        return point_loss, list_loss, int((batch.labels[:, 1:] != IGNORE).sum())
 
     def finish(self) -> Path:
         folder = self.out / FINAL_MODEL

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from magic_mm.model.embedder import MagicEmbedder
-from magic_mm.model.generative import GenExample, answer_loss, build_batch
+from magic_mm.model.generative import IGNORE, GenExample, answer_loss, build_batch
+from magic_mm.train import distributed
 from magic_mm.train.loop import Trainer, batch_indices
 from magic_mm.train.pairs import CaptionPairs
 
@@ -43,11 +44,12 @@ class GenerativeTrainer(Trainer):
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
         picks = batch_indices(len(self.examples), cfg.batch_size, step, cfg.seed)
-        picks = picks[self.accelerator.process_index :: self.accelerator.num_processes]
-        loss = self._loss([self.example(i) for i in picks])
-        self.accelerator.backward(loss)
-        return {"loss": float(loss.detach())}
+        loss, tokens = self._loss([self.example(i) for i in distributed.shard(picks)])  # this rank's share
+        contribution, value = self.share_of_mean(loss, tokens)  # the global batch's token mean
+        self.backward(contribution)
+        return {"loss": value}
 
-    def _loss(self, examples: list[GenExample]) -> torch.Tensor:
+    def _loss(self, examples: list[GenExample]) -> tuple[torch.Tensor, int]:
+        """Mean answer-token loss of ``examples`` and the number of answer tokens it averages."""
         batch = build_batch(self.embedder, examples)
-        return self.model(answer_loss, batch)
+        return self.model(answer_loss, batch), int((batch.labels[:, 1:] != IGNORE).sum())

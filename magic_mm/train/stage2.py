@@ -4,6 +4,11 @@ Phase A (``steps``): in-batch negatives.  Phase B (``hard_negatives.steps``):
 before its first step the current model embeds the whole candidate pool, ranks it
 for every query, and mined negatives (see ``mining.py``) join each query's batch.
 The ground truth stays each query's only positive.
+
+On several processes every rank derives the same global batch (queries and
+candidates) from ``(seed, step)``, embeds its contiguous share of each, and the
+loss is taken over the all-gathered vectors (see ``distributed.py``).  Mining
+embeds the pool the same way, a share of whole chunks per rank.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 
 from magic_mm.model.embedder import MagicEmbedder
 from magic_mm.model.inputs import PreparedInput
+from magic_mm.train import distributed
 from magic_mm.train.gradcache import contrastive_backward
 from magic_mm.train.loop import Trainer, batch_indices
 from magic_mm.train.losses import caption_image_loss
@@ -55,6 +61,14 @@ class ContrastiveTrainer(Trainer):
     def instructions(self) -> tuple[str | None, str | None]:
         return None, None  # the model config's defaults
 
+    def embed_pool(self, items: Sequence[Any], role: str, instruction: str | None, chunk: int) -> torch.Tensor:
+        """Vectors of all ``items`` (no grad), in order.  The chunks of ``chunk`` items are shared out
+        whole among the ranks, so each vector is computed exactly as in one process."""
+        starts = distributed.shard(range(0, len(items), chunk))
+        with torch.no_grad():
+            parts = [self.embed(items[s : s + chunk], role, instruction) for s in starts]
+        return distributed.all_gather(torch.cat(parts) if parts else torch.zeros(0))
+
     # -- the schedule -----------------------------------------------------------------
     @property
     def total_steps(self) -> int:
@@ -77,15 +91,10 @@ class ContrastiveTrainer(Trainer):
         hn = self.config.hard_negatives
         queries = self.pairs.queries_per_group(hn.queries_per_group)
         q_instr, c_instr = self.instructions()
-        q_vecs, c_vecs = [], []
         self.model.eval()
-        with torch.no_grad():
-            for start in range(0, len(self.pairs.images), 16):
-                c_vecs.append(self.embed([self.candidate_item(i) for i in
-                                          range(start, min(start + 16, len(self.pairs.images)))], "candidate", c_instr))
-            for start in range(0, len(queries), 32):
-                q_vecs.append(self.embed([self.pairs.captions[q] for q in queries[start : start + 32]], "query", q_instr))
-        scores = MagicEmbedder.similarity(torch.cat(q_vecs), torch.cat(c_vecs))
+        c_vecs = self.embed_pool([self.candidate_item(i) for i in range(len(self.pairs.images))], "candidate", c_instr, 16)
+        q_vecs = self.embed_pool([self.pairs.captions[q] for q in queries], "query", q_instr, 32)
+        scores = MagicEmbedder.similarity(q_vecs, c_vecs)
         mined = mine_hard_negatives(scores, [self.pairs.owner[q] for q in queries],
                                     list(range(len(self.pairs.images))), hn.window, hn.count, seed=self.config.seed)
         return {q: m for q, m in zip(queries, mined)}
@@ -99,11 +108,8 @@ class ContrastiveTrainer(Trainer):
         picks = batch_indices(len(pool), cfg.batch_size, step - first, cfg.seed, stream=1)
         return [pool[i] for i in picks]
 
-    def train_step(self, step: int) -> dict[str, float]:
-        cfg = self.config
-        queries = self.step_queries(step)
-        # this process's share of the global batch (DDP); in-batch negatives are per process
-        queries = queries[self.accelerator.process_index :: self.accelerator.num_processes]
+    def step_candidates(self, step: int, queries: list[int]) -> list[int]:
+        """The batch's candidate images: positives first, then negatives; each image once."""
         candidates: list[int] = []
         for q in queries:  # positives first, then negatives; each image once
             if self.pairs.owner[q] not in candidates:
@@ -112,6 +118,12 @@ class ContrastiveTrainer(Trainer):
             for n in self.negatives.get(q, []) if self.uses_negatives(step) else []:
                 if n not in candidates:
                     candidates.append(n)
+        return candidates
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.config
+        queries = self.step_queries(step)  # the global batch: every rank derives the same one
+        candidates = self.step_candidates(step, queries)
         targets = torch.tensor([candidates.index(self.pairs.owner[q]) for q in queries])
         q_groups = torch.tensor([self.pairs.owner[q] for q in queries])
         c_groups = torch.tensor(candidates)  # a candidate image is its own group
@@ -123,9 +135,9 @@ class ContrastiveTrainer(Trainer):
         loss = contrastive_backward(
             lambda items: self.embed(items, "query", q_instr),
             lambda items: self.embed(items, "candidate", c_instr),
-            [self.pairs.captions[q] for q in queries],
-            [self.candidate_item(c) for c in candidates],
-            loss_fn, cfg.grad_cache_chunk, self.accelerator.backward,
+            [self.pairs.captions[q] for q in distributed.shard(queries)],  # this rank's shares
+            [self.candidate_item(c) for c in distributed.shard(candidates)],
+            loss_fn, cfg.grad_cache_chunk, self.backward, distributed.all_gather_with_grad,
         )
         return {"loss": loss, "candidates": float(len(candidates)),
                 "hard_negative_phase": float(self.uses_negatives(step))}

@@ -7,6 +7,12 @@ only* (``judgements.json``); the others, in rank order, are the query's hard
 negatives (``hard_negatives`` of them).  Training is then InfoNCE with those
 negatives, the ground truth staying the only positive.  Instructions come from
 the per-task table in the config.
+
+On several processes the pool is embedded in shares, and the judging (the costly
+part) is shared out by query: every rank asks the judge about its share, keeps its
+verdicts in its own cache file (rank 0's is ``judge.cache``; the others add
+``.rankN``), and the verdicts are gathered so that every rank builds the same
+negatives.
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 
 from magic_mm.model.embedder import MagicEmbedder
+from magic_mm.train import distributed
 from magic_mm.train.judge import CachedJudge, SelfJudge, calibrated_threshold, make_judge
 from magic_mm.train.mining import eligible_ranking
 from magic_mm.train.stage2 import NEGATIVES_FILE, ContrastiveTrainer
@@ -63,24 +69,25 @@ class JudgedTrainer(ContrastiveTrainer):
             queries = sorted_sample(np.random.default_rng([self.config.seed, 3]), queries, cfg.max_queries)
         q_instr, c_instr = self.instructions()
         self.model.eval()
-        with torch.no_grad():
-            c_vecs = torch.cat([self.embed([self.candidate_item(i) for i in range(s, min(s + 16, len(self.pairs.images)))],
-                                           "candidate", c_instr) for s in range(0, len(self.pairs.images), 16)])
-            q_vecs = torch.cat([self.embed([self.pairs.captions[q] for q in queries[s : s + 32]], "query", q_instr)
-                                for s in range(0, len(queries), 32)])
+        c_vecs = self.embed_pool([self.candidate_item(i) for i in range(len(self.pairs.images))], "candidate", c_instr, 16)
+        q_vecs = self.embed_pool([self.pairs.captions[q] for q in queries], "query", q_instr, 32)
         scores = MagicEmbedder.similarity(q_vecs, c_vecs)
         made = make_judge(cfg.judge)
         if isinstance(made, SelfJudge) and made.model.config.backbone == self.embedder.config.backbone:
             made.grids = self.vision.grids  # same frozen vision encoder: reuse its cached grids
         judge = CachedJudge(made, self._cache_path())
+        if not distributed.is_main():  # a rank writes only its own file, and reads rank 0's too
+            judge.verdicts.update(CachedJudge(made, self._cache_path(0)).verdicts)
         threshold = self.calibrate(judge, queries) if cfg.judge.calibrate else 0.0
         groups = list(range(len(self.pairs.images)))
+        tops = [eligible_ranking(row, self.pairs.owner[q], groups)[: cfg.retrieve_top] for row, q in zip(scores, queries)]
+        questions = [cfg.judge.question.format(query=self.pairs.captions[q]) for q in queries]
+        mine = distributed.shard(range(len(queries)))
+        margins = [[v.margin for v in judge.many(questions[i], [self.pairs.images[c] for c in tops[i]])] for i in mine]
+        margins = [m for share in distributed.all_gather_objects(margins) for m in share]
         out: dict[int, dict[str, list[int]]] = {}
-        for row, q in zip(scores, queries):
-            top = eligible_ranking(row, self.pairs.owner[q], groups)[: cfg.retrieve_top]
-            question = cfg.judge.question.format(query=self.pairs.captions[q])
-            verdicts = judge.many(question, [self.pairs.images[c] for c in top])
-            relevant = [int(c) for c, v in zip(top, verdicts) if v.margin > threshold]
+        for q, top, margin in zip(queries, tops, margins):
+            relevant = [int(c) for c, m in zip(top, margin) if m > threshold]
             others = [int(c) for c in top if int(c) not in relevant]
             out[q] = {"positive": [self.pairs.owner[q]], "judged_relevant": relevant,
                       "negatives": others[: cfg.hard_negatives]}
@@ -92,14 +99,16 @@ class JudgedTrainer(ContrastiveTrainer):
         cfg = self.config.stage3.judge
         rng = np.random.default_rng([self.config.seed, 4])
         picked = sorted_sample(rng, queries, cfg.calibrate)
-        matched, mismatched = [], []
+        pairs = []
         for q in picked:
             owner = self.pairs.owner[q]
             other = int(rng.choice([i for i in range(len(self.pairs.images)) if i != owner]))
-            question = cfg.question.format(query=self.pairs.captions[q])
-            match, mismatch = judge.many(question, [self.pairs.images[owner], self.pairs.images[other]])
-            matched.append(match)
-            mismatched.append(mismatch)
+            pairs.append((cfg.question.format(query=self.pairs.captions[q]), owner, other))
+        asked = [judge.many(question, [self.pairs.images[owner], self.pairs.images[other]])
+                 for question, owner, other in distributed.shard(pairs)]
+        verdicts = [v for share in distributed.all_gather_objects(asked) for v in share]
+        matched = [match for match, _ in verdicts]
+        mismatched = [mismatch for _, mismatch in verdicts]
         threshold, accuracy = calibrated_threshold(matched, mismatched)
         report = {"pairs": len(picked), "threshold": threshold, "accuracy": accuracy,
                   "yes_rate_at_0": sum(v.relevant for v in matched + mismatched) / (2 * len(picked)),
@@ -109,8 +118,10 @@ class JudgedTrainer(ContrastiveTrainer):
             (self.out / CALIBRATION_FILE).write_text(json.dumps(report, indent=1))
         return threshold
 
-    def _cache_path(self):  # noqa: ANN202
+    def _cache_path(self, rank: int | None = None):  # noqa: ANN202
         from pathlib import Path
 
         path = Path(self.config.stage3.judge.cache)
-        return path if path.is_absolute() else self.out / path
+        path = path if path.is_absolute() else self.out / path
+        rank = distributed.rank() if rank is None else rank
+        return path if rank == 0 else path.with_name(f"{path.name}.rank{rank}")
