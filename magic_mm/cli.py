@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from magic_mm.cli_options import DtypeOpt
 from magic_mm.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -32,14 +33,14 @@ CompressionOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
-def load_model(model: str, compression: str | None) -> Any:
+def load_model(model: str, compression: str | None, dtype: str = "auto") -> Any:
     from transformers.utils import logging as hf_logging
 
     from magic_mm import MagicEmbedder
 
     hf_logging.disable_progress_bar()
     with err.status(f"loading {model} …"):
-        return MagicEmbedder.from_pretrained(model, compression=compression)
+        return MagicEmbedder.from_pretrained(model, compression=compression, dtype=dtype)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -90,6 +91,7 @@ def embed(
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     dim: Annotated[int | None, typer.Option(help="Keep the first DIM components (Matryoshka).")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Report and skip bad inputs instead of stopping.")] = False,
+    dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -118,7 +120,7 @@ def embed(
     else:
         items = [MMInput(text=t) for t in texts]
 
-    embedder = load_model(model, compression)
+    embedder = load_model(model, compression, dtype)
     from magic_mm.progress import progress
 
     vectors, kept, skipped = [], [], []
@@ -186,13 +188,14 @@ def demo(
     model: ModelOpt = "magic-mm-tiny",
     compression: CompressionOpt = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Embed a split's images and captions, then show the best images for a few captions."""
     from magic_mm.data.captions import read_captioned_images
 
     items = read_captioned_images(data, split)
-    embedder = load_model(model, compression)
+    embedder = load_model(model, compression, dtype)
     image_vecs = embedder.encode([i.path for i in items], role="candidate", batch_size=batch_size,
                                  show_progress=not as_json)
     captions = [(c, n) for n, i in enumerate(items) for c in i.captions]

@@ -8,6 +8,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# "auto" dtype means float32 in the suite (also in CLI subprocesses), so the exact-equality and
+# batch-invariance checks keep their tolerances; bf16 is tested explicitly (tests/test_speed.py).
+os.environ.setdefault("MAGIC_MM_DTYPE", "float32")
 
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402

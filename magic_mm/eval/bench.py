@@ -7,7 +7,17 @@ What is measured, per compression variant of one model:
   an image (candidate prompt) — the two sides of text→image retrieval;
 * throughput: candidates per second when ``batch`` images go in one call;
 * peak memory: the peak RSS of a fresh process that loads the model and runs one
-  throughput batch (on CPU; ``torch.cuda.max_memory_allocated`` on a GPU).
+  throughput batch (on CPU; ``torch.cuda.max_memory_allocated`` on a GPU);
+* where the time goes: for a candidate at batch 1 (and per candidate in the throughput
+  batch), the milliseconds spent in the vision encoder, in the LM and elsewhere
+  (tokenising, connector, pooling), the GFLOP each part computes (counted with
+  ``torch.utils.flop_counter``) and the GFLOP/s it reaches against the peak of a
+  512×576×1536 matmul measured at the start of the run, in float32 and bfloat16.
+
+Device and dtype: ``--device`` (default: ``cuda`` when a GPU is visible, else ``cpu``)
+and ``--dtype`` (default ``auto``, see ``magic_mm.model.dtypes``).  On a GPU every timed
+call is bracketed by ``torch.cuda.synchronize()``, so the time is the GPU's, not the
+launch's; latency is per candidate at batch 1, as the paper measured it.
 
 Fairness: all variants of one model are timed in *one* process, sharing the
 weights (only the parameter-free compression is swapped), with the repetitions
@@ -69,11 +79,15 @@ class BenchSettings:
     data: Path = Path("../shared/data/flickr8k-1k")
     memory: bool = True
     threads: int | None = None
+    dtype: str = "auto"
+    device: str | None = None  # None: cuda if available, else cpu
 
 
 # -- the things being timed ------------------------------------------------------------
 class EmbedderSubject:
     """A ``MagicEmbedder`` whose compression is swapped between variants (weights shared)."""
+
+    splittable = True
 
     def __init__(self, embedder: Any) -> None:
         self.embedder = embedder
@@ -120,12 +134,16 @@ class EmbedderSubject:
 class ClipSubject:
     """A CLIP dual encoder: texts through the text tower, images through the vision tower."""
 
-    def __init__(self) -> None:
+    splittable = False
+
+    def __init__(self, device: Any = "cpu", dtype: Any = None) -> None:
         import torch
         from transformers import CLIPConfig, CLIPModel
 
         torch.manual_seed(0)
         self.model = CLIPModel(CLIPConfig()).eval()  # the defaults are ViT-B/32's shapes
+        self.model.to(device=device, dtype=dtype)
+        self.device, self.dtype = torch.device(device), dtype or torch.float32
         self.tokenizer = bpe_tokenizer()
         self.variant = "none"
         self.size = self.model.config.vision_config.image_size
@@ -148,7 +166,7 @@ class ClipSubject:
 
         ids, mask = self._ids(texts)
         with torch.inference_mode():
-            self.model.get_text_features(input_ids=ids, attention_mask=mask)
+            self.model.get_text_features(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
 
     def _pixels(self, images: list[Any]) -> Any:
         import torch
@@ -162,7 +180,7 @@ class ClipSubject:
         import torch
 
         with torch.inference_mode():
-            self.model.get_image_features(pixel_values=self._pixels(images))
+            self.model.get_image_features(pixel_values=self._pixels(images).to(self.device, self.dtype))
 
     def shape(self, text: Any, image: Any) -> dict[str, int]:
         patch = self.model.config.vision_config.patch_size
@@ -227,15 +245,20 @@ def wait_for_memory(needed: float, label: str, timeout_s: float = 900.0) -> None
         time.sleep(10)
 
 
-def build_subject(target: dict[str, Any], compression: str, memory_wait_s: float = 600.0) -> Any:
+def build_subject(target: dict[str, Any], compression: str, memory_wait_s: float = 600.0,
+                  device: str = "cpu", dtype: str = "auto") -> Any:
+    from magic_mm.model.dtypes import resolve_dtype
+
+    run_dtype = resolve_dtype(dtype, device)
     if target["kind"] == "embedder":
         from magic_mm import MagicEmbedder
 
-        return EmbedderSubject(MagicEmbedder.from_pretrained(target["model"], compression=compression))
+        return EmbedderSubject(MagicEmbedder.from_pretrained(target["model"], compression=compression,
+                                                             device=device, dtype=dtype))
     if target["kind"] == "clip":
-        return ClipSubject()
+        return ClipSubject(device, run_dtype)
     wait_for_memory(ARCH_BYTES[target["arch"]], target["arch"], memory_wait_s)
-    return EmbedderSubject(random_internvl(target["arch"], compression))
+    return EmbedderSubject(random_internvl(target["arch"], compression).to(device=device, dtype=run_dtype))
 
 
 def bench_inputs(data: Path, count: int) -> tuple[list[Any], list[Any]]:
@@ -263,23 +286,162 @@ def bench_inputs(data: Path, count: int) -> tuple[list[Any], list[Any]]:
 
 
 # -- worker side -----------------------------------------------------------------------
-def _timed(fn: Any, *args: Any) -> float:
+def _sync(device: Any) -> None:
+    """Wait for the GPU's queued work (a no-op on CPU), so a timer sees the real end."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Any, *args: Any, device: Any = "cpu") -> float:
+    _sync(device)
     start = time.perf_counter()
     fn(*args)
+    _sync(device)
     return (time.perf_counter() - start) * 1000.0
+
+
+PEAK_SHAPE = (512, 576, 1536)  # (m, k, n): an LM-sized matmul (576 = SmolLM2's width)
+
+
+def matmul_peak(device: Any = "cpu", reps: int = 5) -> dict[str, float]:
+    """GFLOP/s of a ``PEAK_SHAPE`` matmul in float32 and bfloat16 on ``device`` (median of
+    ``reps`` after a warm-up): the practical ceiling the model's parts are compared with."""
+    import torch
+
+    m, k, n = PEAK_SHAPE
+    flop = 2.0 * m * k * n
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        with torch.inference_mode():
+            for _ in range(2):
+                a @ b
+            times = [_timed(torch.matmul, a, b, device=device) for _ in range(reps)]
+        out[str(dtype).removeprefix("torch.")] = round(flop / (float(np.median(times)) / 1000.0) / 1e9, 1)
+    return out
+
+
+class PartClock:
+    """Times (or counts the FLOPs of) the vision encoder and the LM inside ``encode`` calls.
+
+    The backbone's ``vision_grid`` (vision encoder) is wrapped on the instance and the
+    decoder gets forward hooks; on a GPU each boundary synchronises, so a part's time is
+    its GPU time.  ``counting`` swaps timing for ``FlopCounterMode`` around each part.
+    """
+
+    def __init__(self, embedder: Any, device: Any) -> None:
+        self.backbone = embedder.backbone
+        self.device = device
+        self.counting = False
+        self.ms = {"vision": 0.0, "lm": 0.0}
+        self.flop = {"vision": 0.0, "lm": 0.0}
+        self._handles: list[Any] = []
+        self._lm_start = 0.0
+        self._lm_counter: Any = None
+
+    def __enter__(self) -> PartClock:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        original = self.backbone.vision_grid
+
+        def vision_grid(pixels: Any) -> Any:
+            if self.counting:
+                with FlopCounterMode(display=False) as counter:
+                    out = original(pixels)
+                self.flop["vision"] += counter.get_total_flops()
+                return out
+            _sync(self.device)
+            start = time.perf_counter()
+            out = original(pixels)
+            _sync(self.device)
+            self.ms["vision"] += (time.perf_counter() - start) * 1000.0
+            return out
+
+        def lm_pre(module: Any, args: Any) -> None:
+            if self.counting:
+                self._lm_counter = FlopCounterMode(display=False)
+                self._lm_counter.__enter__()
+                return
+            _sync(self.device)
+            self._lm_start = time.perf_counter()
+
+        def lm_post(module: Any, args: Any, output: Any) -> None:
+            if self.counting:
+                self._lm_counter.__exit__(None, None, None)
+                self.flop["lm"] += self._lm_counter.get_total_flops()
+                return
+            _sync(self.device)
+            self.ms["lm"] += (time.perf_counter() - self._lm_start) * 1000.0
+
+        self.backbone.vision_grid = vision_grid  # instance attribute shadows the method
+        decoder = self.backbone.decoder
+        self._handles = [decoder.register_forward_pre_hook(lm_pre), decoder.register_forward_hook(lm_post)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.backbone.vision_grid
+        for handle in self._handles:
+            handle.remove()
+
+    def reset(self) -> None:
+        self.ms = {"vision": 0.0, "lm": 0.0}
+        self.flop = {"vision": 0.0, "lm": 0.0}
+
+
+def time_split(subject: Any, images: list[Any], items: int, batch: int, peak: dict[str, float],
+               device: Any) -> dict[str, Any]:
+    """Where a candidate's time goes: vision encoder vs LM (vs the rest), and the GFLOP/s each
+    reaches against the matmul ``peak`` in the model's dtype; at batch 1 over the first
+    ``items`` images, and per candidate in one batch of ``batch`` if ``batch`` > 1."""
+    embedder = subject.embedder
+    dtype = str(embedder.backbone.dtype).removeprefix("torch.")
+    ceiling = peak.get(dtype)
+    out: dict[str, Any] = {"dtype": dtype, "peak_gflops_per_s": ceiling}
+    with PartClock(embedder, device) as clock:
+        clock.counting = True
+        subject.candidate(images[:1])
+        flop = dict(clock.flop)
+        clock.counting = False
+        runs = [("batch_1", [[img] for img in images[:items]])]
+        if batch > 1:
+            runs.append((f"batch_{batch}", [images[:batch]]))
+        for label, groups in runs:
+            rows = []
+            for group in groups:
+                clock.reset()
+                total = _timed(subject.candidate, group, device=device)
+                rows.append((total / len(group), clock.ms["vision"] / len(group), clock.ms["lm"] / len(group)))
+            total_ms, vision_ms, lm_ms = (float(np.median([r[i] for r in rows])) for i in range(3))
+            part = {"candidates_per_call": len(groups[0]), "total_ms": round(total_ms, 2),
+                    "vision_ms": round(vision_ms, 2), "lm_ms": round(lm_ms, 2),
+                    "other_ms": round(max(total_ms - vision_ms - lm_ms, 0.0), 2),
+                    "vision_share": round(vision_ms / total_ms, 3) if total_ms else None,
+                    "lm_share": round(lm_ms / total_ms, 3) if total_ms else None}
+            for name, ms in (("vision", vision_ms), ("lm", lm_ms)):
+                gflops = flop[name] / 1e9 / (ms / 1000.0) if ms > 0 else None
+                part[f"{name}_gflop"] = round(flop[name] / 1e9, 3)
+                part[f"{name}_gflops_per_s"] = None if gflops is None else round(gflops, 1)
+                part[f"{name}_of_peak"] = None if gflops is None or not ceiling else round(gflops / ceiling, 3)
+            out[label] = part
+    return out
 
 
 def time_job(job: dict[str, Any]) -> dict[str, Any]:
     """All variants of one target in this process, repetitions interleaved."""
     variants = job["variants"]
+    device, dtype = job.get("device") or "cpu", job.get("dtype") or "auto"
     try:
-        subject = build_subject(job["target"], variants[0])
+        subject = build_subject(job["target"], variants[0], device=device, dtype=dtype)
     except NotEnoughMemory as exc:  # reported as skipped; the rest of the benchmark goes on
         return {v: {"skipped": str(exc), "visual_tokens": None, "query_seq_len": None, "candidate_seq_len": None,
                     "query_ms": [], "candidate_ms": [], "throughput": []} for v in variants}
+    peak = matmul_peak(device)
     texts, images = bench_inputs(Path(job["data"]), max(job["items"], job["batch"], 1))
-    raw: dict[str, dict[str, list[float]]] = {v: {"query_ms": [], "candidate_ms": [], "throughput": []}
-                                              for v in variants}
+    raw: dict[str, dict[str, Any]] = {v: {"query_ms": [], "candidate_ms": [], "throughput": []}
+                                      for v in variants}
     shapes = {}
     for v in variants:  # warm-up, and the token counts
         subject.set_variant(v)
@@ -290,11 +452,16 @@ def time_job(job: dict[str, Any]) -> dict[str, Any]:
         for v in variants:
             subject.set_variant(v)
             for n in range(job["items"]):
-                raw[v]["query_ms"].append(_timed(subject.query, texts[n : n + 1]))
-                raw[v]["candidate_ms"].append(_timed(subject.candidate, images[n : n + 1]))
+                raw[v]["query_ms"].append(_timed(subject.query, texts[n : n + 1], device=device))
+                raw[v]["candidate_ms"].append(_timed(subject.candidate, images[n : n + 1], device=device))
             if job["batch"]:
-                ms = _timed(subject.candidate, images[: job["batch"]])
+                ms = _timed(subject.candidate, images[: job["batch"]], device=device)
                 raw[v]["throughput"].append(job["batch"] / (ms / 1000.0))
+    for v in variants:  # after the timed reps, so the hooks never touch them
+        subject.set_variant(v)
+        raw[v]["split"] = (time_split(subject, images, job["items"], job["batch"], peak, device)
+                           if subject.splittable else None)
+        raw[v]["peak_gflops_per_s"] = peak
     return {v: {**shapes[v], **raw[v]} for v in variants}
 
 
@@ -303,9 +470,10 @@ def memory_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     variant = job["variants"][0]
+    device, dtype = job.get("device") or "cpu", job.get("dtype") or "auto"
     try:
         # Short wait: if the timing run found room, this one will too.
-        subject = build_subject(job["target"], variant, memory_wait_s=60.0)
+        subject = build_subject(job["target"], variant, memory_wait_s=60.0, device=device, dtype=dtype)
     except NotEnoughMemory as exc:
         return {"skipped": str(exc), "rss_loaded_mib": None, "peak_mib": None, "batch": max(job["batch"], 1)}
     subject.set_variant(variant)
@@ -313,7 +481,7 @@ def memory_job(job: dict[str, Any]) -> dict[str, Any]:
     texts, images = bench_inputs(Path(job["data"]), max(job["batch"], 1))
     subject.query(texts[:1])
     subject.candidate(images[: max(job["batch"], 1)])
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.device(device).type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)  # KiB on Linux
     return {"rss_loaded_mib": loaded, "peak_mib": peak, "batch": max(job["batch"], 1)}
 
@@ -364,6 +532,7 @@ def summarise(raw: dict[str, Any], memory: dict[str, Any] | None) -> dict[str, A
         "candidate_seq_len": raw["candidate_seq_len"],
         "query_ms": stats(raw["query_ms"]), "candidate_ms": stats(raw["candidate_ms"]),
         "throughput_per_s": stats(raw["throughput"]), "memory": memory,
+        "split": raw.get("split"),
     }
 
 
@@ -393,7 +562,8 @@ def add_ratios(rows: dict[str, dict[str, Any]]) -> str:
 def bench_target(target: dict[str, Any], variants: list[str], reps: int, items: int, batch: int,
                  settings: BenchSettings, advance: Any) -> dict[str, Any]:
     job = {"target": target, "variants": variants, "reps": reps, "items": items, "batch": batch,
-           "data": str(settings.data), "threads": settings.threads}
+           "data": str(settings.data), "threads": settings.threads, "dtype": settings.dtype,
+           "device": bench_device(settings)}
     timed = run_worker({**job, "job": "time"})
     advance(1)
     rows = {}
@@ -402,8 +572,15 @@ def bench_target(target: dict[str, Any], variants: list[str], reps: int, items: 
         advance(1)
         rows[v] = summarise(timed[v], memory)
     baseline = add_ratios(rows)
+    first = next(iter(timed.values()))
     return {"target": target, "baseline": baseline, "reps": reps, "items_per_rep": items, "batch": batch,
-            "variants": rows}
+            "peak_gflops_per_s": first.get("peak_gflops_per_s"), "variants": rows}
+
+
+def bench_device(settings: BenchSettings) -> str:
+    import torch
+
+    return settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_bench(settings: BenchSettings, tasks: Path | None = None, show_progress: bool = False) -> dict[str, Any]:
@@ -419,12 +596,24 @@ def run_bench(settings: BenchSettings, tasks: Path | None = None, show_progress:
         raise UserError("--reps and --items must be at least 1")
     import torch
 
+    from magic_mm.model.dtypes import describe_choice, dtype_name, parse_dtype, resolve_dtype
+
+    parse_dtype(settings.dtype, "--dtype")
+    if settings.device not in (None, "cpu", "cuda") and not str(settings.device).startswith("cuda:"):
+        raise UserError(f"--device {settings.device!r}: use cpu or cuda")
+    if settings.device and settings.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {settings.device}: no CUDA GPU is visible to this torch; use --device cpu")
+    device = bench_device(settings)
+
     jobs = bool(settings.compressions) + len(settings.compressions) + sum(
         1 + (1 if a == "clip-vit-b32" else len(settings.arch_compressions)) for a in settings.archs)
     result: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch_threads": settings.threads or torch.get_num_threads(),
-                    "device": "cuda" if torch.cuda.is_available() else "cpu",
+                    "device": device,
+                    "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+                    "dtype": dtype_name(resolve_dtype(settings.dtype, device)),
+                    "dtype_auto": describe_choice(device),
                     # Other work on a shared machine slows every variant alike (interleaving), but say so.
                     "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
@@ -451,7 +640,8 @@ def add_quality(result: dict[str, Any], settings: BenchSettings, tasks: Path, sh
 
     specs = load_tasks(tasks)
     for variant, row in result["model"]["variants"].items():
-        summary = evaluate(specs, EvalSettings(model=settings.model, compression=variant, show_progress=show_progress))
+        summary = evaluate(specs, EvalSettings(model=settings.model, compression=variant, show_progress=show_progress,
+                                               dtype=settings.dtype))
         row["quality"] = {"score": summary["averages"]["overall"]["score"],
                           "tasks": {name: t["score"] for name, t in summary["tasks"].items()},
                           "metric": sorted({t["primary"] for t in summary["tasks"].values()})}

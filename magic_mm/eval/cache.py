@@ -76,9 +76,11 @@ class EmbeddingCache:
                     continue  # an unreadable shard only costs recomputation
 
     @classmethod
-    def for_model(cls, model: str, root: Path | None = None) -> EmbeddingCache:
+    def for_model(cls, model: str, root: Path | None = None, dtype: str = "float32") -> EmbeddingCache:
+        """The cache of ``model``'s vectors computed in ``dtype`` (float32 keeps the old folder)."""
         base = root if root is not None else cache_dir()
-        return cls(base / "eval-embeddings" / model_fingerprint(model))
+        key = model_fingerprint(model) + ("" if dtype == "float32" else f"-{dtype}")
+        return cls(base / "eval-embeddings" / key)
 
     def add(self, keys: Sequence[str], vectors: np.ndarray) -> None:
         self.vectors.update(zip(keys, vectors))

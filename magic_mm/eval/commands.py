@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from magic_mm.cli_options import DtypeOpt
 from magic_mm.errors import UserError
 
 out = Console()
@@ -37,6 +38,7 @@ def eval_command(
     ties: Annotated[str, typer.Option(help="Tie breaking: pessimistic, optimistic or index (MMEB's argmax).")] = "pessimistic",
     cache: Annotated[bool, typer.Option(help="Reuse and store embeddings in the per-model cache.")] = True,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache root (default: the magic-mm user cache).")] = None,
+    dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -46,7 +48,8 @@ def eval_command(
 
     specs = load_tasks(tasks, only, mode)
     settings = EvalSettings(model=model, compression=compression, batch_size=batch_size, cache_root=cache_dir,
-                            use_cache=cache, ties=ties, rerank=rerank, show_progress=not (quiet or as_json))  # type: ignore[arg-type]
+                            use_cache=cache, ties=ties, rerank=rerank, show_progress=not (quiet or as_json),
+                            dtype=dtype)  # type: ignore[arg-type]
     summary = evaluate(specs, settings, out_dir)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -130,6 +133,8 @@ def bench_command(
     data: Annotated[Path, typer.Option(help="Image–caption folder the timed inputs come from.")] = Path("../shared/data/flickr8k-1k"),
     memory: Annotated[bool, typer.Option(help="Measure peak memory (one fresh process per variant).")] = True,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
+    dtype: DtypeOpt = "auto",
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when a GPU is visible).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")] = None,
     save: Annotated[Path | None, typer.Option("--save", help="Also write the JSON result to this file.")] = None,
     as_json: JsonOpt = False,
@@ -143,7 +148,8 @@ def bench_command(
 
     settings = BenchSettings(model=model, compressions=split(compression), reps=reps, items=items, batch=batch,
                              archs=split(archs), arch_compressions=split(arch_compression), arch_reps=arch_reps, arch_items=arch_items,
-                             arch_batch=arch_batch, data=data, memory=memory, threads=threads)
+                             arch_batch=arch_batch, data=data, memory=memory, threads=threads, dtype=dtype,
+                             device=device)
     if not settings.compressions and not settings.archs:
         raise UserError("--compression: give at least one variant, e.g. none,bilinear:2 (or only --archs)")
     if plot is not None and not settings.compressions:
@@ -159,10 +165,15 @@ def bench_command(
     if as_json:
         print(json.dumps(result, indent=2))
         return
+    machine = result["machine"]
+    where = f"{machine['device']}{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}, {machine['dtype']}"
     if result["model"] is not None:
-        out.print(bench_table(f"{model} (ratios vs {result['model']['baseline']})", result["model"]))
+        out.print(bench_table(f"{model} on {where} (ratios vs {result['model']['baseline']})", result["model"]))
+        out.print(split_table(f"{model}: where a candidate's time goes", result["model"]))
     for arch, res in result["architectures"].items():
-        out.print(bench_table(f"{arch}, random init (ratios vs {res['baseline']})", res))
+        out.print(bench_table(f"{arch}, random init, on {where} (ratios vs {res['baseline']})", res))
+        if any(r.get("split") for r in res["variants"].values()):
+            out.print(split_table(f"{arch}: where a candidate's time goes", res))
     if plot is not None:
         out.print(f"plot written to {plot}", highlight=False)
 
@@ -194,6 +205,35 @@ def bench_table(title: str, res: dict[str, Any]) -> Table:
         if quality:
             cells.append(f"{100 * r['quality']['score']:.1f}" if "quality" in r else "—")
         table.add_row(*cells)
+    return table
+
+
+def split_table(title: str, res: dict[str, Any]) -> Table:
+    """Vision encoder vs LM: ms per candidate, share, GFLOP and GFLOP/s against the matmul peak."""
+    peak = res.get("peak_gflops_per_s") or {}
+    table = Table(title=f"{title} (matmul peak GFLOP/s: "
+                        + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) + ")")
+    for col in ("variant", "run", "ms / cand", "vision ms", "LM ms", "other ms", "vision GFLOP", "LM GFLOP",
+                "vision GFLOP/s (of peak)", "LM GFLOP/s (of peak)"):
+        table.add_column(col, justify="left" if col in ("variant", "run") else "right")
+
+    def rate(part: dict[str, Any], name: str) -> str:
+        value, share = part[f"{name}_gflops_per_s"], part[f"{name}_of_peak"]
+        if value is None:
+            return "—"
+        return f"{value:.1f}" + ("" if share is None else f" ({share:.0%})")
+
+    for name, row in res["variants"].items():
+        split = row.get("split")
+        if not split:
+            continue
+        for label, part in split.items():
+            if not label.startswith("batch_"):
+                continue
+            table.add_row(name, f"{label.replace('_', ' ')} ({split['dtype']})", f"{part['total_ms']:.1f}",
+                          f"{part['vision_ms']:.1f}", f"{part['lm_ms']:.1f}", f"{part['other_ms']:.1f}",
+                          f"{part['vision_gflop']:.2f}", f"{part['lm_gflop']:.2f}", rate(part, "vision"),
+                          rate(part, "lm"))
     return table
 
 

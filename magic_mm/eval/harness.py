@@ -40,6 +40,7 @@ class EvalSettings:
     ties: Ties = "pessimistic"
     rerank: bool = False
     show_progress: bool = False
+    dtype: str = "auto"  # see magic_mm.model.dtypes; the embedding cache is kept per resolved dtype
 
 
 @dataclass
@@ -79,9 +80,13 @@ def make_encoder(settings: EvalSettings) -> CachedEncoder:
 
         hf_logging.disable_progress_bar()
 
-        return MagicEmbedder.from_pretrained(settings.model, compression=settings.compression)
+        return MagicEmbedder.from_pretrained(settings.model, compression=settings.compression, dtype=settings.dtype)
 
-    cache = EmbeddingCache.for_model(settings.model, settings.cache_root) if settings.use_cache else EmbeddingCache(None)
+    from magic_mm.model.dtypes import dtype_name, resolve_dtype
+
+    dtype = dtype_name(resolve_dtype(settings.dtype))
+    cache = (EmbeddingCache.for_model(settings.model, settings.cache_root, dtype) if settings.use_cache
+             else EmbeddingCache(None))
     return CachedEncoder(load, cache, compression, instructions, settings.batch_size, settings.show_progress)
 
 

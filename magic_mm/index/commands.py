@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from magic_mm.cli_options import DtypeOpt
 from magic_mm.errors import UserError
 
 out = Console()
@@ -24,16 +25,16 @@ CompressionOpt = Annotated[str | None, typer.Option(help="Override compression (
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
-def load_embedder(model: str, compression: str | None, quiet: bool = False) -> Any:
+def load_embedder(model: str, compression: str | None, quiet: bool = False, dtype: str = "auto") -> Any:
     from transformers.utils import logging as hf_logging
 
     from magic_mm import MagicEmbedder
 
     hf_logging.disable_progress_bar()
     if quiet:
-        return MagicEmbedder.from_pretrained(model, compression=compression)
+        return MagicEmbedder.from_pretrained(model, compression=compression, dtype=dtype)
     with err.status(f"loading {model} …"):
-        return MagicEmbedder.from_pretrained(model, compression=compression)
+        return MagicEmbedder.from_pretrained(model, compression=compression, dtype=dtype)
 
 
 def model_for(db: Path, model: str | None) -> str:
@@ -58,6 +59,7 @@ def index(
     batch_size: Annotated[int, typer.Option(min=1, help="Pages per forward pass and per commit.")] = 16,
     ann: Annotated[str | None, typer.Option(help="Then build an ANN index: ivf-pq or hnsw (for >100k rows).")] = None,
     rebuild: Annotated[bool, typer.Option(help="Drop the index's rows first and re-embed everything.")] = False,
+    dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -72,14 +74,19 @@ def index(
     if ann is not None and ann not in ANN_KINDS:
         raise UserError(f"--ann {ann!r}: choose one of {', '.join(ANN_KINDS)}")
     model = model_for(db, model)
-    embedder = load_embedder(model, compression, quiet or as_json)
-    store = PageStore.open_or_create(db, ModelStamp.of(embedder, model), rebuild=rebuild)
+    embedder = load_embedder(model, compression, quiet or as_json, dtype)
+    stamp = ModelStamp.of(embedder, model)
+    store = PageStore.open_or_create(db, stamp, rebuild=rebuild)
+    note = store.stamp.dtype_note(stamp)
+    if note and not as_json:
+        err.print(note, highlight=False, soft_wrap=True)
     summary = index_paths(embedder, store, paths, prune=prune, batch_size=batch_size, limit=limit,
                           show_progress=not (quiet or as_json))
     if ann is not None:
         with err.status(f"building {ann} index …"):
             store.build_ann(ann)
-    result = {"db": str(db), "model": model, **summary.to_dict(), "ann": ann}
+    result = {"db": str(db), "model": model, "dtype": stamp.dtype, **summary.to_dict(), "ann": ann,
+              **({"dtype_note": note} if note else {})}
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -104,6 +111,7 @@ def search(
     exact: Annotated[bool, typer.Option(help="Exact search even if an ANN index exists.")] = False,
     model: ModelOpt = None,
     compression: CompressionOpt = None,
+    dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Search the index with a text, an image, or both; shows rank, score, path and page."""
@@ -114,8 +122,10 @@ def search(
     store = PageStore.open(db)
     model = model or store.stamp.model
     reranker = load_reranker(model) if rerank else None  # fail before the slow part
-    embedder = load_embedder(model, compression, as_json)
-    check_same_model(store, embedder, model)
+    embedder = load_embedder(model, compression, as_json, dtype)
+    note = check_same_model(store, embedder, model)
+    if note:
+        err.print(note, highlight=False, soft_wrap=True)
     hits = retrieve(store, embed_query(embedder, query), k, query=query, reranker=reranker,
                     rerank_top=rerank_top, exact=exact)
     if as_json:

@@ -122,5 +122,6 @@ def rerank_hits(reranker: Any, query: MMInput, hits: list[Hit], top: int) -> lis
     return ranked
 
 
-def check_same_model(store: PageStore, embedder: MagicEmbedder, model: str) -> None:
-    store.check_model(ModelStamp.of(embedder, model))
+def check_same_model(store: PageStore, embedder: MagicEmbedder, model: str) -> str | None:
+    """Raise if the index was built by another model; a note if only the dtype differs."""
+    return store.check_model(ModelStamp.of(embedder, model))

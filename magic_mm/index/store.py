@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from magic_mm.errors import UserError
+from magic_mm.model.dtypes import dtype_name
 from magic_mm.model.embedder import MagicEmbedder
 
 TABLE = "pages"
@@ -47,6 +48,11 @@ class ModelStamp:
     compression: str
     dim: int
     fingerprint: str  # hash of the architecture spec, instructions and trained weights
+    # The dtype the vectors were computed in.  Not part of ``matches``: float32 and bfloat16
+    # vectors of one model agree to a mean cosine above 0.998 and retrieve alike, so an index
+    # built in one is searched (and extended) in the other, with a note (docs/speed.md).
+    # Stamps written before dtypes existed lack it; those indexes were built in float32.
+    dtype: str = "float32"
 
     @classmethod
     def of(cls, embedder: MagicEmbedder, model: str) -> ModelStamp:
@@ -54,14 +60,24 @@ class ModelStamp:
         digest = hashlib.sha256(json.dumps(
             {"family": config.family, "backbone": config.backbone, "compression": str(embedder.compression),
              "instructions": config.instructions}, sort_keys=True).encode())
-        for name, tensor in sorted(embedder.trained_state_dict().items()):
+        # The weights as saved (float32), whatever dtype the model runs in.
+        state = embedder.source_state if embedder.source_state is not None else embedder.trained_state_dict()
+        for name, tensor in sorted(state.items()):
             digest.update(name.encode())
             digest.update(tensor.float().cpu().numpy().tobytes())
         return cls(model=model, compression=str(embedder.compression), dim=embedder.embedding_dim,
-                   fingerprint=digest.hexdigest()[:16])
+                   fingerprint=digest.hexdigest()[:16], dtype=dtype_name(embedder.backbone.dtype))
 
     def matches(self, other: ModelStamp) -> bool:
         return (self.fingerprint, self.compression, self.dim) == (other.fingerprint, other.compression, other.dim)
+
+    def dtype_note(self, other: ModelStamp) -> str | None:
+        """A one-line note when ``other`` (the model in use) runs in another dtype than the index."""
+        if self.dtype == other.dtype:
+            return None
+        return (f"note: the index was built in {self.dtype} and the model now runs in {other.dtype}; the vectors "
+                f"agree closely (mean cosine > 0.998), so results are comparable. Pass --dtype {self.dtype} to match "
+                "exactly")
 
 
 @dataclass
@@ -159,7 +175,9 @@ class PageStore:
                               "`magic-mm index`")
         return ModelStamp(**json.loads(raw))
 
-    def check_model(self, stamp: ModelStamp, action: str = "search it") -> None:
+    def check_model(self, stamp: ModelStamp, action: str = "search it") -> str | None:
+        """Raise if ``stamp``'s vectors are not comparable with the index's; return a note
+        (or ``None``) when they are comparable but computed in another dtype."""
         built = self.stamp
         if not built.matches(stamp) and built.model == stamp.model:
             raise IndexDbError(
@@ -175,6 +193,7 @@ class PageStore:
                 f"different models are not comparable. Pass --model {built.model} to {action}, or index into a "
                 "new --db"
             )
+        return built.dtype_note(stamp)
 
     def count(self) -> int:
         return self.table.count_rows()

@@ -39,17 +39,57 @@ VARIANTS = ("efficientnet-lite0", "efficientnet-lite0-random")
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow's "same" padding, computed from the input size."""
+    """Conv2d with TensorFlow's "same" padding, computed from the input size.
+
+    Where "same" padding is symmetric (every stride-1 convolution: 1×1 needs none, an odd
+    k×k needs (k-1)/2 on each side) it is the convolution's own ``padding=``, so no padded
+    copy of the input is made.  Only stride-2 convolutions, whose TF padding puts the
+    extra pixel on the bottom/right, pad with ``F.pad``; that pad depends on the input
+    size, and is computed once per size.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        kh, kw = self.kernel_size
+        self.symmetric = self.stride == (1, 1) and kh % 2 == 1 and kw % 2 == 1
+        if self.symmetric:
+            self.padding = ((kh - 1) // 2, (kw - 1) // 2)
+        self._pads: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+
+    def same_pad(self, ih: int, iw: int) -> tuple[int, int, int, int]:
+        """``F.pad``'s (left, right, top, bottom) for an ``ih``×``iw`` input."""
+        pad = self._pads.get((ih, iw))
+        if pad is None:
+            kh, kw = self.kernel_size
+            sh, sw = self.stride
+            pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+            pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+            pad = self._pads[(ih, iw)] = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        return pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.shape[-2:]
-        kh, kw = self.kernel_size
-        sh, sw = self.stride
-        pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
-        pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-        if pad_h or pad_w:
-            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        if self.symmetric:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        pad = self.same_pad(x.shape[-2], x.shape[-1])
+        if any(pad):
+            x = F.pad(x, pad)
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold ``bn``'s inference transform (running statistics) into ``conv``, in place.
+
+    ``bn(conv(x)) = conv'(x)`` with ``w' = w·γ/σ`` and ``b' = β + (b - μ)·γ/σ``, where
+    ``σ = sqrt(var + eps)``; computed in float64 so the folded network matches the
+    unfolded one to float32 rounding.
+    """
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    folded_bias = bn.bias.double() + (bias - bn.running_mean.double()) * scale
+    with torch.no_grad():
+        weight = (conv.weight.double() * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype)
+        conv.weight.copy_(weight)
+        conv.bias = nn.Parameter(folded_bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
 
 
 class MBConvBlock(nn.Module):
@@ -69,6 +109,14 @@ class MBConvBlock(nn.Module):
         self._project_conv = SameConv2d(hidden, c_out, 1, bias=False)
         self._bn2 = nn.BatchNorm2d(c_out, eps=BN_EPS)
         self.use_skip = stride == 1 and c_in == c_out
+
+    def fold(self) -> None:
+        if self.has_expand:
+            fold_batchnorm(self._expand_conv, self._bn0)
+            self._bn0 = nn.Identity()
+        fold_batchnorm(self._depthwise_conv, self._bn1)
+        fold_batchnorm(self._project_conv, self._bn2)
+        self._bn1, self._bn2 = nn.Identity(), nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
@@ -103,6 +151,27 @@ class EfficientNetLite0(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
 
+    @property
+    def folded(self) -> bool:
+        return isinstance(self._bn0, nn.Identity)
+
+    def fold_for_inference(self) -> EfficientNetLite0:
+        """Fold every BatchNorm into the convolution before it, in place (irreversible).
+
+        Exact for inference and for anything that keeps BatchNorm frozen (eval mode), which
+        is how magic-mm uses the encoder: it is never trained, and ``vision_grid`` keeps it in
+        eval mode even while the connector trains.  A network that should learn its
+        BatchNorm statistics must stay unfolded (``load_variant(..., fold=False)``).
+        """
+        if self.folded:
+            return self
+        fold_batchnorm(self._conv_stem, self._bn0)
+        for block in self._blocks:
+            block.fold()
+        fold_batchnorm(self._conv_head, self._bn1)
+        self._bn0, self._bn1 = nn.Identity(), nn.Identity()
+        return self.eval()
+
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` normalised pixels → ``(B, 1280, H/32, W/32)``."""
         x = F.relu6(self._bn0(self._conv_stem(pixels)))
@@ -130,19 +199,29 @@ def load_pretrained_lite0() -> EfficientNetLite0:
     return net.eval()
 
 
-def load_variant(name: str) -> EfficientNetLite0:
-    """One of ``VARIANTS``: the ImageNet weights, or the same random init everywhere."""
+def load_variant(name: str, fold: bool = False) -> EfficientNetLite0:
+    """One of ``VARIANTS``: the ImageNet weights, or the same random init everywhere.
+
+    ``fold`` folds BatchNorm into the convolutions (for inference; see ``fold_for_inference``).
+    """
     if name == "efficientnet-lite0":
-        return load_pretrained_lite0()
-    if name != "efficientnet-lite0-random":
+        net = load_pretrained_lite0()
+    elif name == "efficientnet-lite0-random":
+        torch.manual_seed(0)
+        net = EfficientNetLite0().eval()
+    else:
         raise ValueError(f"unknown EfficientNet-Lite0 variant {name!r}; known: {', '.join(VARIANTS)}")
-    torch.manual_seed(0)
-    return EfficientNetLite0().eval()
+    return net.fold_for_inference() if fold else net
+
+
+def resize_square(image: Image.Image, size: int) -> Image.Image:
+    """Squash to ``size``×``size`` (bicubic); an image already that size is returned as is."""
+    return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
 
 
 def image_pixels(image: Image.Image, size: int) -> torch.Tensor:
     """An RGB image → ``(1, 3, size, size)`` normalised pixels (squashed to a square, bicubic)."""
-    resized = image.resize((size, size), Image.BICUBIC)
+    resized = resize_square(image, size)
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(PIXEL_MEAN)[:, None, None]
     std = torch.tensor(PIXEL_STD)[:, None, None]

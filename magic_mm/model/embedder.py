@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from magic_mm.errors import BadInputError, ModelFolderError, UserError
@@ -24,11 +28,14 @@ from magic_mm.model.config import (
     LoraSettings,
     read_folder_config,
 )
-from magic_mm.model.inputs import MAX_IMAGE_PIXELS, PreparedInput, prepare
+from magic_mm.model.dtypes import resolve_dtype
+from magic_mm.model.inputs import MAX_IMAGE_PIXELS, PreparedInput, as_input, prepare
 from magic_mm.model.lm_batch import LMBatch, build_lm_batch, hidden_states
 from magic_mm.model.prompts import IMAGE, ROLES, Role, build_prompt
 
 TINY_RANDOM_PREFIX = "tiny-random-"
+# Worker threads that decode and resize images while the model runs (PIL releases the GIL).
+DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 LORA_PREFIX = "lora."
 
 
@@ -36,16 +43,30 @@ class TextTruncatedWarning(UserWarning):
     """A text was longer than ``max_text_tokens`` and was cut."""
 
 
-def _dtype(value: str | torch.dtype | None) -> torch.dtype:
-    if value is None:
-        return torch.float32
-    if isinstance(value, torch.dtype):
-        return value
+def _device(value: str | torch.device) -> torch.device:
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[value]
-    except KeyError:
-        raise UserError(f"unknown dtype {value!r}; use float32, bfloat16 or float16") from None
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {value!r}: unknown device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {value!r}: no CUDA GPU is available to this torch; use device='cpu'")
+    return device
+
+
+class _Pending:
+    """An input with an image, still to be decoded (on a worker thread)."""
+
+    __slots__ = ("item", "index")
+
+    def __init__(self, item: Any, index: int) -> None:
+        self.item, self.index = item, index
+
+
+def _length_key(item: Any) -> tuple[bool, int]:
+    """Sort key: text-only inputs first, then by text length in characters."""
+    if isinstance(item, _Pending):
+        return True, len(item.item.text or "")
+    return item.image is not None, len(item.text or "")
 
 
 class MagicEmbedder(torch.nn.Module):
@@ -62,6 +83,9 @@ class MagicEmbedder(torch.nn.Module):
         self.config = config
         self.backbone = backbone
         self.max_image_pixels = MAX_IMAGE_PIXELS
+        # float32 copy of the trained weights when the model runs in another dtype (index stamps).
+        self.source_state: dict[str, torch.Tensor] | None = None
+        self.decode_threads = DECODE_THREADS
 
     # -- loading and saving ---------------------------------------------------------
     @classmethod
@@ -80,14 +104,19 @@ class MagicEmbedder(torch.nn.Module):
         name_or_folder: str | Path = DEFAULT_MODEL_NAME,
         compression: str | Compression | None = None,
         device: str | torch.device = "cpu",
-        dtype: str | torch.dtype | None = None,
+        dtype: str | torch.dtype | None = "auto",
     ) -> MagicEmbedder:
         """Load ``magic-mm-tiny``, a ``tiny-random-<family>`` test model, a folder written by
         ``save_pretrained``, or a raw transformers checkpoint folder of a known family (InternVL,
         Qwen2/2.5/3-VL, Idefics3, SmolVLM; untrained connector/LoRA).
 
         ``compression`` overrides the saved setting (e.g. ``"none"`` or ``"bilinear:4"``).
+        ``dtype``: ``"auto"`` (bf16 on a GPU or a CPU with native bf16, else float32; see
+        ``magic_mm.model.dtypes``), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        ``device="cuda"`` puts the whole model on the GPU.
         """
+        target = _device(device)
+        run_dtype = resolve_dtype(dtype, target)  # fails on a typo before the slow load
         name = str(name_or_folder)
         if name.startswith(TINY_RANDOM_PREFIX):
             family = name[len(TINY_RANDOM_PREFIX):]
@@ -115,7 +144,11 @@ class MagicEmbedder(torch.nn.Module):
                 model._load_trained_weights(folder, saved_compression)
                 if config.name is None:
                     config.name = name
-        return model.to(device=device, dtype=_dtype(dtype)).eval()
+        if run_dtype != torch.float32:
+            # The index stamp hashes the trained weights as saved (float32), so an index built
+            # in one dtype is recognised by the same model loaded in another.
+            model.source_state = {k: v.detach().clone() for k, v in model.trained_state_dict().items()}
+        return model.to(device=target, dtype=run_dtype).eval()
 
     def _load_trained_weights(self, folder: Path, saved: Compression) -> None:
         path = folder / WEIGHTS_FILE
@@ -217,14 +250,26 @@ class MagicEmbedder(torch.nn.Module):
             raise BadInputError(f"dim={dim} is out of range; choose 1..{self.embedding_dim}")
         if batch_size < 1:
             raise BadInputError(f"batch_size must be >= 1, got {batch_size}")
-        vectors = []
-        with progress(len(inputs), show_progress, f"embedding ({role}s)") as advance:
-            for start in range(0, len(inputs), batch_size):
-                batch = self.prepare(inputs[start : start + batch_size], start)
+        # Texts are checked (cheap) in input order first, so a bad text is reported before any
+        # image is decoded; images are checked as their batch is decoded.
+        items = [self._check_text(item, i) for i, item in enumerate(inputs)]
+        # Sorted by length (as sentence-transformers does): similar lengths share a batch, so
+        # little compute goes to padding; the vectors go back to input order at the end.
+        order = sorted(range(len(items)), key=lambda i: _length_key(items[i]))
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        vectors: list[torch.Tensor] = []
+        with progress(len(inputs), show_progress, f"embedding ({role}s)") as advance, \
+                closing(self._prefetched(items, batches)) as prepared:
+            for _, batch in prepared:
                 with torch.inference_mode():
                     pooled = self.embed_prepared(batch, role, instruction)
                 vectors.append(pooled.float().cpu())
                 advance(len(batch))
+        if vectors:
+            stacked = torch.cat(vectors)
+            inverse = torch.empty(len(order), dtype=torch.long)
+            inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+            vectors = [stacked[inverse]]
         if not vectors:
             return np.zeros((0, dim or self.embedding_dim), dtype=np.float32)
         out = torch.cat(vectors)
@@ -233,6 +278,49 @@ class MagicEmbedder(torch.nn.Module):
         if normalize:
             out = torch.nn.functional.normalize(out, dim=-1)
         return out.numpy()
+
+    def _check_text(self, item: Any, index: int) -> Any:
+        """``item`` if text-only and valid → its ``PreparedInput``; image items pass unchanged
+        (validated when decoded).  Raises the usual ``UserError`` naming the input."""
+        if isinstance(item, PreparedInput):
+            return item
+        mm = as_input(item)
+        if mm.image is None:
+            return prepare(item, index, self.max_image_pixels)
+        return _Pending(mm, index)
+
+    def _prepare_for_model(self, item: Any) -> PreparedInput:
+        """Decode (and, where the backbone allows, resize) one image on a worker thread."""
+        if isinstance(item, _Pending):
+            item = prepare(item.item, item.index, self.max_image_pixels)
+        if not isinstance(item.image, Image.Image):  # no image, or cached vision features
+            return item
+        return PreparedInput(text=item.text, image=self.backbone.prepare_image(item.image), name=item.name)
+
+    def _prefetched(self, items: list[Any], batches: list[list[int]]) -> Generator[tuple[list[int], list[PreparedInput]], None, None]:
+        """Yield each batch's prepared inputs; the next batch is decoded on worker threads
+        while the caller runs the model on the current one.  A bad image raises its
+        ``UserError`` (the lowest input index of the batch, if several are bad)."""
+        if not batches:
+            return
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="magic-mm-decode") as pool:
+
+            def submit(batch: list[int]) -> list[Future]:
+                return [pool.submit(self._prepare_for_model, items[i]) for i in batch]
+
+            upcoming = submit(batches[0])
+            try:
+                for n, batch in enumerate(batches):
+                    current = upcoming
+                    upcoming = submit(batches[n + 1]) if n + 1 < len(batches) else []
+                    failures = sorted(((i, f.exception()) for i, f in zip(batch, current) if f.exception()),
+                                      key=lambda pair: pair[0])
+                    if failures:
+                        raise failures[0][1]
+                    yield batch, [f.result() for f in current]
+            finally:
+                for f in upcoming:
+                    f.cancel()
 
     def encode_queries(self, inputs: Sequence[Any], **kwargs: Any) -> np.ndarray:
         return self.encode(inputs, role="query", **kwargs)

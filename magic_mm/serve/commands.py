@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from magic_mm.cli_options import DtypeOpt
 from magic_mm.errors import UserError
 from magic_mm.index import commands as index_commands
 
@@ -22,6 +23,7 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     model: index_commands.ModelOpt = None,
     compression: index_commands.CompressionOpt = None,
+    dtype: DtypeOpt = "auto",
     api_key: Annotated[str | None, typer.Option(
         help=f"Require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set).")] = None,
     allow_remote_images: Annotated[bool, typer.Option(help="Let clients send http(s) image URLs for the server to fetch.")] = False,
@@ -43,9 +45,11 @@ def serve(
 
     store = PageStore.open(db) if db is not None else None
     model = model or (store.stamp.model if store is not None else "magic-mm-tiny")
-    embedder = index_commands.load_embedder(model, compression)
+    embedder = index_commands.load_embedder(model, compression, dtype=dtype)
     if store is not None:
-        check_same_model(store, embedder, model)
+        note = check_same_model(store, embedder, model)
+        if note:
+            err.print(note, highlight=False, soft_wrap=True)
     key = api_key or os.environ.get(API_KEY_ENV) or None
     if host not in ("127.0.0.1", "localhost", "::1") and key is None:
         err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach it can use it")

@@ -1,0 +1,107 @@
+"""Which number format a model runs in, per device.
+
+``"auto"`` (the default everywhere) means bfloat16 where the hardware computes it
+natively and float32 elsewhere:
+
+* a CUDA GPU that supports bf16 (Ampere and newer): bf16; an older GPU: float32;
+* a CPU with AVX512-BF16 or AMX-BF16 (x86, ``/proc/cpuinfo`` flags ``avx512_bf16`` /
+  ``amx_bf16``) or the Arm ``bf16`` extension: bf16;
+* any other CPU: float32 (bf16 there is emulated and slower than float32).
+
+"bf16" means bf16 *weights* (the whole model is cast), not float32 weights under
+autocast: on this project's CPU the two give the same vectors (mean cosine to float32
+> 0.999) and bf16 weights are faster, because autocast re-casts every weight on every
+call (see docs/speed.md for the measurement).
+
+The environment variable ``MAGIC_MM_DTYPE`` (float32 / bfloat16 / float16) replaces
+what ``"auto"`` resolves to, e.g. to keep a whole test suite or a script in float32
+without passing ``--dtype`` to every command; an explicit ``dtype=`` still wins.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+from magic_mm.errors import UserError
+
+DTYPE_ENV = "MAGIC_MM_DTYPE"
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+class DtypeError(UserError):
+    """An unknown dtype name."""
+
+
+def parse_dtype(value: str | torch.dtype | None, source: str = "dtype") -> torch.dtype | None:
+    """A dtype name → ``torch.dtype``; ``None`` / ``"auto"`` → ``None`` (decide per device)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    key = str(value).strip().lower()
+    if key == "auto":
+        return None
+    try:
+        return _NAMES[key]
+    except KeyError:
+        raise DtypeError(f"{source} {value!r}: unknown dtype; use one of {', '.join(DTYPE_CHOICES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty where ``/proc/cpuinfo`` does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):  # x86 / Arm
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bf16 matmuls natively (AVX512-BF16, AMX-BF16 or Arm BF16)."""
+    flags = cpu_flags()
+    return any(f in flags for f in CPU_BF16_FLAGS) or "bf16" in flags
+
+
+def cuda_has_bf16(device: torch.device) -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(value: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype to run in on ``device``: ``value`` if given, else the device's best (see module doc)."""
+    explicit = parse_dtype(value)
+    if explicit is not None:
+        return explicit
+    env = os.environ.get(DTYPE_ENV)
+    if env:
+        chosen = parse_dtype(env, f"${DTYPE_ENV}")
+        if chosen is not None:
+            return chosen
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if cuda_has_bf16(dev) else torch.float32
+    if dev.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.float32
+
+
+def describe_choice(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What ``auto`` picks here and why (for ``bench`` and docs)."""
+    dev = torch.device(device)
+    return {"device": str(dev), "auto": dtype_name(resolve_dtype(None, dev)),
+            "cpu_bf16_flags": sorted(f for f in cpu_flags() if f in CPU_BF16_FLAGS or f == "bf16"),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "env_override": os.environ.get(DTYPE_ENV) or None}

