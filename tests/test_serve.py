@@ -211,6 +211,12 @@ BAD_REQUESTS = [
     ("wrong key", "POST", "/v1/search", {"query": "x"}, None, {"Authorization": "Bearer nope"}, 401, "wrong API key"),
     ("not json", "POST", "/v1/embeddings", None, b"{not json", {}, 400, "invalid_json"),
     ("not an object", "POST", "/v1/embeddings", ["x"], None, {}, 400, "invalid_json"),
+    # 100,000 levels (200 kB, under the body cap): the decoder's RecursionError used to be a 500
+    ("deep arrays", "POST", "/v1/embeddings", None, b"[" * 100_000 + b"]" * 100_000, {}, 400, "json_too_deep"),
+    ("deep objects", "POST", "/v1/search", None, b'{"a":' * 40_000 + b"1" + b"}" * 40_000, {}, 400,
+     "json_too_deep"),
+    ("deep input", "POST", "/v1/rerank", None, b'{"query": "a", "documents": ' + b"[" * 100_000, {}, 400,
+     "json_too_deep"),
     ("missing input", "POST", "/v1/embeddings", {"model": MODEL}, None, {}, 400, "input: missing"),
     ("empty text", "POST", "/v1/embeddings", {"input": ["ok", " "]}, None, {}, 400, "input[1]: the text is empty"),
     ("token ids", "POST", "/v1/embeddings", {"input": [[1, 2, 3]]}, None, {}, 400, "token-id inputs"),

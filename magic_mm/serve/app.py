@@ -58,6 +58,8 @@ class Service:
         self._reranker: Any = None
         self._reranker_error: str | None = None
         self._reranker_lock = threading.RLock()  # the reranker is not the batcher's model; one call at a time
+        self._visual_tokens: dict[tuple[tuple[int, int], ...], int] = {}
+        self._visual_tokens_lock = threading.Lock()
 
     def _embed_raw(self, items: list[PreparedInput], role: str, instruction: str | None) -> np.ndarray:
         return self.embedder.encode(items, role=role, instruction=instruction, normalize=False,
@@ -98,8 +100,23 @@ class Service:
             if item.text:
                 total += len(backbone.tokenizer(item.text, add_special_tokens=False)["input_ids"])
             if item.image is not None:
-                total += backbone.visual_tokens(*item.image.size)
+                total += self.visual_tokens(*item.image.size)
         return total
+
+    def visual_tokens(self, width: int, height: int) -> int:
+        """Visual tokens of an image this size, remembered per tile layout.
+
+        The backbone finds a tile's grid by running the vision encoder; done per request,
+        on the event loop, that cost as much as embedding the image and stalled every other
+        request meanwhile.  The layout (the tile sizes) fixes the count, and there are few."""
+        layout = tuple(self.embedder.backbone.tiles_for_size(width, height))
+        count = self._visual_tokens.get(layout)
+        if count is None:
+            with self._visual_tokens_lock:
+                count = self._visual_tokens.get(layout)
+                if count is None:
+                    count = self._visual_tokens[layout] = int(self.embedder.backbone.visual_tokens(width, height))
+        return count
 
 
 def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = None,
@@ -237,6 +254,10 @@ async def json_body(request: Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc})", None, "invalid_json") from None
+    except RecursionError:  # the decoder recurses once per nesting level; it stops cleanly at the limit
+        raise ApiError(400, "the request body nests JSON arrays or objects too deeply (hundreds of levels); no "
+                            "field of this API nests more than 4 levels, so send a flatter body", None,
+                       "json_too_deep") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
     return body
