@@ -166,12 +166,18 @@ class Backbone(nn.Module, ABC):
         return out
 
     def feature_grid_size(self, tile_height: int, tile_width: int) -> tuple[int, int]:
-        """The vision grid of one tile, found by running the vision encoder on zeros."""
-        with torch.no_grad():
-            grid = self.vision_grid(
-                torch.zeros(1, 3, tile_height, tile_width, device=self.device, dtype=self.dtype)
-            )
-        return grid.shape[1], grid.shape[2]
+        """The vision grid of one tile, found once per tile size by running the vision encoder on zeros.
+
+        Memoised: the server counts visual tokens for every image it answers, and a vision
+        pass per count cost as much as embedding the image."""
+        known = self.__dict__.setdefault("_feature_grid_sizes", {})
+        if (tile_height, tile_width) not in known:
+            with torch.no_grad():
+                grid = self.vision_grid(
+                    torch.zeros(1, 3, tile_height, tile_width, device=self.device, dtype=self.dtype)
+                )
+            known[(tile_height, tile_width)] = (grid.shape[1], grid.shape[2])
+        return known[(tile_height, tile_width)]
 
     def visual_tokens(self, width: int, height: int, compression: Compression | None = None) -> int:
         """Exact number of visual tokens the LM sees for an image of this size."""
