@@ -122,3 +122,30 @@ def test_encode_names_the_bad_item_in_a_batch(tiny_composed, tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(BadImageError, match=r"input #1 \(.*bad.jpg\)"):
         tiny_composed.encode(["fine", Path(bad)])
+
+
+def test_a_str_naming_an_image_file_stays_text_but_warns_once(tiny_composed, tmp_path, monkeypatch):
+    """``encode(["photo.jpg"])`` embeds the file name; the user is told (once per process) to pass a Path."""
+    from magic_mm.model import inputs
+    from magic_mm.model.inputs import PathAsTextWarning
+
+    monkeypatch.setattr(inputs, "_path_as_text_warned", False)
+    photo, other = tmp_path / "photo.jpg", tmp_path / "other.png"
+    make_image().save(photo)
+    make_image().save(other)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # a text that merely looks like a file name, and a non-image file: no warning
+        prepare(str(tmp_path / "missing.jpg"))
+        prepare(str(tmp_path / "notes.txt"))
+        assert not [w for w in caught if issubclass(w.category, PathAsTextWarning)]
+        as_text = tiny_composed.encode([str(photo), str(other)])
+        tiny_composed.encode([str(photo)])
+    warned = [w for w in caught if issubclass(w.category, PathAsTextWarning)]
+    assert len(warned) == 1 and "pathlib.Path" in str(warned[0].message) and "photo.jpg" in str(warned[0].message)
+    assert issubclass(PathAsTextWarning, UserWarning)
+    # the str stayed a text: its vector is the file name's, not the picture's
+    np = pytest.importorskip("numpy")
+    np.testing.assert_allclose(as_text[0], tiny_composed.encode([MMInput(text=str(photo))])[0], atol=1e-5)
+    assert np.abs(as_text[0] - tiny_composed.encode([photo])[0]).max() > 1e-3
