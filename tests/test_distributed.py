@@ -159,3 +159,33 @@ def test_sharded_generative_stages_equal_one_process(runs, stage):
     for key in ("loss", *(("pointwise", "listwise") if stage == "reranker" else ())):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-5)
     assert_same_weights(runs["one"] / stage, runs["two"] / stage)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    write_data(tmp_path / "data")
+    write_configs(tmp_path / "cfg", tmp_path / "data", tmp_path / "out")
+    grads = []
+    for on in (False, True):
+        config = load_config(tmp_path / "cfg" / "stage2.yaml",
+                             overrides={"gradient_checkpointing": on, "output": str(tmp_path / f"gc-{on}")})
+        trainer = TRAINERS["stage2"](config)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.embedder.backbone.decoder.modules()) == on
+        trainer.prepare_run()
+        trainer.train_step(0)
+        grads.append({k: p.grad for k, p in trainer.embedder.trained_parameters().items() if p.grad is not None})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and plain
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-5, atol=1e-7)
+
+
+def test_multi_gpu_recipe_configs_load():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    stages = {path.stem: load_config(path) for path in sorted((ROOT / "configs" / "internvl3").glob("*.yaml"))}
+    assert set(stages) == {"stage1", "stage2", "stage3", "reranker"}
+    assert all(c.lora.rank == 16 and c.gradient_checkpointing for c in stages.values())
+    assert stages["stage2"].temperature == 0.03 and stages["stage2"].hard_negatives.window == (50, 100)
+    kinds = {path.name: str(ClusterConfig.from_yaml_file(path).distributed_type).split(".")[-1]
+             for path in (ROOT / "configs" / "accelerate").glob("*.yaml")}
+    assert kinds == {"ddp-8gpu.yaml": "MULTI_GPU", "fsdp-8gpu-internvl3.yaml": "FSDP"}

@@ -99,8 +99,9 @@ class TrainConfig:
     compression: str | None = None  # override the start point's compression
     seed: int = 0
     steps: int = 100  # total optimiser steps (stage 2: in-batch steps; hard-negative steps come on top)
-    batch_size: int = 16  # queries per optimiser step (global, across processes)
+    batch_size: int = 16  # queries per optimiser step: the global batch, shared out over processes
     grad_cache_chunk: int | None = None  # GradCache chunk size; None = one plain forward/backward
+    gradient_checkpointing: bool = False  # recompute the LM's layer activations in backward (less memory)
     temperature: float = 0.03
     symmetric: bool = False  # stage 2: add the candidate→query InfoNCE direction
     train_lm: str = "lora"  # lora | full | frozen

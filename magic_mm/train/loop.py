@@ -147,6 +147,17 @@ class Trainer:
             return local_mean, float(local_mean.detach())
         return local_mean * (count / total), summed / total
 
+    def full_params(self, writeback: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """A block where the embedder's parameters are whole on every rank (FSDP shards them);
+        every rank must enter it.  A no-op unless the model is FSDP-wrapped."""
+        from accelerate.utils import DistributedType
+
+        if self.wrapped and self.accelerator.distributed_type == DistributedType.FSDP:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel.summon_full_params(self.model, writeback=writeback)
+        return contextlib.nullcontext()
+
     def sync_gradients(self) -> None:
         if not self.wrapped:
             distributed.all_reduce_grads(p for p in self.model.parameters() if p.requires_grad)
@@ -195,6 +206,16 @@ class Trainer:
         if cfg.train_lm == "full":
             for p in model.backbone.decoder.parameters():
                 p.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            decoder = model.backbone.decoder
+            if not getattr(decoder, "supports_gradient_checkpointing", False):
+                raise ConfigError(f"gradient_checkpointing: the {model.config.family} backbone's LM does not support it")
+            # non-reentrant: gradients reach LoRA even though the frozen input embeddings need none
+            enable = getattr(decoder, "activation_checkpointing_enable", None)  # transformers >= 5's name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model.train()
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -235,15 +256,20 @@ class Trainer:
         rng = distributed.all_gather_objects({
             "torch": torch.random.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+        # unwrapped, every rank's optimiser state is the same; FSDP shards it, so each rank's is kept
+        optimizers = distributed.all_gather_objects(self.optimizer.state_dict()) if self.wrapped else None
+        with self.full_params():
+            trained = self.trained_state()
         if not self.accelerator.is_main_process:
             return
         tmp = self.out / (CHECKPOINT + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(self.trained_state(), tmp / "trained.safetensors")
+        save_file(trained, tmp / "trained.safetensors")
         torch.save({
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_per_rank": optimizers,
             "scheduler": self.scheduler.state_dict(),
             "rng": rng[0], "rng_per_rank": rng,
         }, tmp / "state.pt")
@@ -264,12 +290,14 @@ class Trainer:
         trained = load_file(folder / "trained.safetensors")
         params = dict(self.embedder.trained_parameters())
         decoder = self.embedder.backbone.decoder.state_dict() if self.config.train_lm == "full" else {}
-        with torch.no_grad():
+        with torch.no_grad(), self.full_params(writeback=True):
             for key, value in trained.items():
                 target = params.get(key) if not key.startswith("decoder.") else decoder[key[len("decoder."):]]
                 target.copy_(value)
         state = torch.load(folder / "state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        per_rank_optim = state.get("optimizer_per_rank")
+        self.optimizer.load_state_dict(per_rank_optim[distributed.rank()] if self.wrapped and per_rank_optim
+                                       else state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         per_rank = state.get("rng_per_rank", [state["rng"]])
         if len(per_rank) != distributed.world():
@@ -336,8 +364,10 @@ class Trainer:
                     log.flush()
                 if self.step % self.config.checkpoint_every == 0 or self.step == total:
                     self.save_checkpoint()
-                if self.step in self.config.snapshot_steps and main:
-                    self.embedder.save_pretrained(self.out / f"{FINAL_MODEL}-step{self.step}")
+                if self.step in self.config.snapshot_steps:
+                    with self.full_params():
+                        if main:
+                            self.embedder.save_pretrained(self.out / f"{FINAL_MODEL}-step{self.step}")
                 advance(1)
                 if stop_after is not None and self.step >= stop_after and self.step < total:
                     raise StopTraining(f"stopped after step {self.step}")
@@ -345,6 +375,7 @@ class Trainer:
 
     def finish(self) -> Path:
         folder = self.out / FINAL_MODEL
-        if self.accelerator.is_main_process:
-            self.embedder.save_pretrained(folder)
+        with self.full_params():
+            if self.accelerator.is_main_process:
+                self.embedder.save_pretrained(folder)
         return folder

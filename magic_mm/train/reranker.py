@@ -98,6 +98,7 @@ class RerankerTrainer(Trainer):
 
     def finish(self) -> Path:
         folder = self.out / FINAL_MODEL
-        if self.accelerator.is_main_process:
-            MagicReranker(self.embedder).save_pretrained(folder)
+        with self.full_params():
+            if self.accelerator.is_main_process:
+                MagicReranker(self.embedder).save_pretrained(folder)
         return folder

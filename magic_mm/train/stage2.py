@@ -80,8 +80,9 @@ class ContrastiveTrainer(Trainer):
 
     def before_step(self, step: int) -> None:
         if step == self.config.steps and self.config.hard_negatives.steps and not self.negatives:
-            if self.accelerator.is_main_process:  # the in-batch-only model, kept for comparison
-                self.embedder.save_pretrained(self.out / IN_BATCH_MODEL)
+            with self.full_params():
+                if self.accelerator.is_main_process:  # the in-batch-only model, kept for comparison
+                    self.embedder.save_pretrained(self.out / IN_BATCH_MODEL)
             self.negatives = self.mine()
             if self.accelerator.is_main_process:
                 (self.out / NEGATIVES_FILE).write_text(json.dumps(self.negatives))
