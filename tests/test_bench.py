@@ -105,3 +105,34 @@ def test_an_architecture_without_room_is_skipped_not_fatal(monkeypatch):
     console = Console(record=True, width=200)
     console.print(bench_table("t", {"variants": rows, "batch": 0}))
     assert "skipped: internvl3-2b" in console.export_text()
+
+
+def test_time_job_splits_a_candidate_between_vision_and_lm():
+    raw = time_job({**JOB, "variants": ["bilinear:2"], "reps": 1, "items": 1, "dtype": "float32"})
+    row = raw["bilinear:2"]
+    peak = row["peak_gflops_per_s"]
+    assert set(peak) == {"float32", "bfloat16"} and all(v > 0 for v in peak.values())
+    split = row["split"]
+    assert split["dtype"] == "float32" and split["peak_gflops_per_s"] == peak["float32"]
+    assert set(split) == {"dtype", "peak_gflops_per_s", "batch_1", "batch_2"}
+    one, two = split["batch_1"], split["batch_2"]
+    assert (one["candidates_per_call"], two["candidates_per_call"]) == (1, 2)
+    for part in (one, two):
+        assert part["vision_ms"] > 0 and part["lm_ms"] > 0 and part["other_ms"] >= 0
+        assert part["vision_ms"] + part["lm_ms"] <= part["total_ms"] * 1.05  # parts of the whole
+        assert 0 < part["vision_share"] < 1 and 0 < part["lm_share"] < 1
+        # FLOPs per candidate do not depend on the batch (right padding adds none for images).
+        assert part["vision_gflop"] == one["vision_gflop"] > 0 and part["lm_gflop"] > 0
+        assert part["vision_gflops_per_s"] > 0 and part["lm_gflops_per_s"] > 0
+        assert part["vision_of_peak"] == pytest.approx(part["vision_gflops_per_s"] / peak["float32"], rel=0.01, abs=1e-4)
+    # 128-px tiny EfficientNet: 3 GFLOP at 448 px scales by (128/448)², about 0.25 GFLOP.
+    assert 0.1 < one["vision_gflop"] < 0.5
+
+
+def test_bench_table_shows_the_split(run_cli, tmp_path):
+    code, out, err = run_cli("bench", "--model", "tiny-random-composed", "--compression", "bilinear:2",
+                             "--reps", "1", "--items", "1", "--batch", "2", "--no-memory", "--dtype", "float32",
+                             "--data", str(tmp_path))
+    assert code == 0, err
+    assert "where a candidate's time goes" in out and "matmul peak GFLOP/s" in out
+    assert "cpu, float32" in out

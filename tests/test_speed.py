@@ -194,3 +194,23 @@ def test_index_built_in_fp32_is_searched_in_bf16_with_a_note(tmp_path, tiny_comp
     # Stamps written before dtypes existed read as float32.
     legacy = {k: v for k, v in vars(fp32_stamp).items() if k != "dtype"}
     assert ModelStamp(**legacy).dtype == "float32"
+
+
+def test_cli_index_in_fp32_searched_in_bf16_says_so(run_cli, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for s in range(2):
+        make_image(64, 48, s).save(docs / f"p{s}.png")
+    db = tmp_path / "x.lance"
+    code, out, err = run_cli("index", docs, "--db", db, "--model", "tiny-random-composed", "--dtype", "float32",
+                             "--json")
+    assert code == 0, err
+    import json
+
+    assert json.loads(out)["dtype"] == "float32"
+    code, out, err = run_cli("search", "a cat", "--db", db, "--k", "2", "--dtype", "bfloat16", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["results"]) == 2
+    assert "index was built in float32 and the model now runs in bfloat16" in err
+    code, out, err = run_cli("search", "a cat", "--db", db, "--k", "2", "--dtype", "float32", "--json")
+    assert code == 0 and "built in" not in err

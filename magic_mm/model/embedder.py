@@ -303,6 +303,10 @@ class MagicEmbedder(torch.nn.Module):
         ``UserError`` (the lowest input index of the batch, if several are bad)."""
         if not batches:
             return
+        if self.decode_threads < 1:  # decode inline (no worker threads)
+            for batch in batches:
+                yield batch, [self._prepare_for_model(items[i]) for i in batch]
+            return
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="magic-mm-decode") as pool:
 
             def submit(batch: list[int]) -> list[Future]:
