@@ -382,3 +382,13 @@ def test_gradcache_gives_the_gradients_of_a_plain_step(toy_data, toy_grids, tmp_
     assert plain.keys() == cached.keys() and plain
     for key in plain:
         torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-6)
+
+
+def test_training_keeps_float32_weights_where_inference_would_pick_bf16(toy_data, toy_grids, tmp_path, monkeypatch):
+    """On a bf16 CPU the inference default is bf16 weights; AdamW needs float32 master weights."""
+    monkeypatch.setenv("MAGIC_MM_DTYPE", "bfloat16")  # what "auto" resolves to on this machine
+    from magic_mm import MagicEmbedder
+
+    MagicEmbedder.from_pretrained("tiny-random-composed").save_pretrained(tmp_path / "start")
+    t = trainer(toy_config(toy_data, tmp_path / "s2", model=str(tmp_path / "start")))
+    assert {p.dtype for p in t.model.parameters()} == {torch.float32}

@@ -196,7 +196,9 @@ class Trainer:
         if cfg.base is not None:  # untrained parts, e.g. the default model rebuilt from scratch
             model = MagicEmbedder.from_config(EmbedderConfig(**cfg.base), compression=cfg.compression)
         else:
-            model = MagicEmbedder.from_pretrained(cfg.model, compression=cfg.compression)
+            # float32 master weights: AdamW steps on bf16 weights lose small updates; the
+            # config's mixed precision (autocast) is where bf16 belongs in training.
+            model = MagicEmbedder.from_pretrained(cfg.model, compression=cfg.compression, dtype="float32")
         if cfg.train_lm == "lora" and model.config.lora is None:
             model.add_lora(cfg.lora)
         for p in model.parameters():
