@@ -1,12 +1,25 @@
-"""Load on the HTTP server: 16 clients × 20 mixed requests, with and without micro-batching, in one run.
+"""Micro-batching throughput: 16 concurrent clients against one request at a time, in one run.
 
-    .venv/bin/python benchmarks/serve_load.py --db magic.lance           # the demo's index, its model
-    .venv/bin/python benchmarks/serve_load.py --model tiny-random-composed  # no index: embeddings only
+    .venv/bin/python benchmarks/serve_load.py                        # magic-mm-tiny, all three mixes
+    .venv/bin/python benchmarks/serve_load.py --mix text --rounds 5  # search-box queries only
+    .venv/bin/python benchmarks/serve_load.py --images ../shared/data/flickr8k-1k/images --mix image
+    .venv/bin/python benchmarks/serve_load.py --db magic.lance        # the mixed load adds /v1/search
 
-Each distinct request is first sent alone (unmeasured: warm-up, and the reference
-answers).  Then both passes send the same load to a server on 127.0.0.1 with the same
-model: one request at a time through the model (max_batch=1), then micro-batched
-(max_batch=32, max_wait 10 ms).  Every answer is checked against the reference.
+Two servers on 127.0.0.1 share one model: "one at a time" (max_batch=1: the model sees one
+request per forward pass) and "micro-batched" (--max-batch, --max-wait-ms).  Both get the
+same load: --clients threads, each sending its requests back to back.  Each distinct
+request is first sent alone to both (unmeasured warm-up; the first server's answers are the
+single-request answers).  Then --rounds rounds alternate the two servers (one round: each
+server gets --per-client requests from every client, in alternating order), because this
+machine is shared and its speed drifts: the ratio of each round compares two passes run
+back to back, and the table gives medians over rounds.
+
+Mixes: "text" (16 distinct one-line queries), "image" (16 distinct images, one per
+request; synthetic PNGs unless --images points at a folder of photos), "mixed" (texts,
+images, image+text, dimensions, base64, candidate role, and search when --db is given).
+
+Every answer is compared with the single-request answer: the count of answers differing by
+more than 1e-4, and the largest difference of any vector component.
 """
 
 from __future__ import annotations
@@ -18,18 +31,25 @@ from pathlib import Path
 from magic_mm.serve.app import create_app
 from magic_mm.serve.batcher import BatchSettings
 from magic_mm.serve.limits import ServeSettings
-from magic_mm.serve.loadgen import check_answers, post, request_mix, run_load
+from magic_mm.serve.loadgen import (check_answers, deviation, file_data_url, image_mix, post, request_mix, run_load,
+                                    text_mix)
 from magic_mm.serve.runner import ServerThread
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", type=Path, default=None, help="index for the search requests")
+    parser.add_argument("--db", type=Path, default=None, help="index for the search requests of the mixed load")
     parser.add_argument("--model", default=None, help="default: the index's model, else magic-mm-tiny")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has it), float32 or bfloat16")
+    parser.add_argument("--mix", choices=("text", "image", "mixed", "all"), default="all")
+    parser.add_argument("--images", type=Path, default=None, help="folder of photos for the image mix")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--per-client", type=int, default=20)
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--per-client", type=int, default=4, help="requests per client per server per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-batch", type=int, default=BatchSettings.max_batch)
+    parser.add_argument("--max-wait-ms", type=float, default=BatchSettings.max_wait_ms)
     args = parser.parse_args()
 
     from magic_mm import MagicEmbedder
@@ -38,37 +58,66 @@ def main() -> None:
 
     store = PageStore.open(args.db) if args.db else None
     model = args.model or (store.stamp.model if store else "magic-mm-tiny")
-    embedder = MagicEmbedder.from_pretrained(model)
+    embedder = MagicEmbedder.from_pretrained(model, dtype=args.dtype)
     if store is not None:
         check_same_model(store, embedder, model)
-    mix = request_mix(with_search=store is not None)
+    photos = None
+    if args.images:
+        photos = [file_data_url(str(p)) for p in sorted(args.images.iterdir())
+                  if p.suffix.lower() in PHOTO_SUFFIXES][:16]
+    mixes = {"text": text_mix(), "image": image_mix(photos), "mixed": request_mix(with_search=store is not None)}
+    if args.mix != "all":
+        mixes = {args.mix: mixes[args.mix]}
 
-    results, reference = {}, []
-    for name, max_batch in (("one at a time", 1), ("micro-batched", args.max_batch)):
-        settings = ServeSettings(batch=BatchSettings(max_batch=max_batch, max_wait_ms=args.max_wait_ms,
-                                                     max_queue=4 * args.clients))
-        app = create_app(embedder, model, store, settings)
-        with ServerThread(app) as server:
-            if not reference:  # each distinct request alone, unmeasured: the reference answers, and a warm-up
-                reference = [post(server.url, path, body)[1] for path, body in mix]
-            result = run_load(server.url, mix, args.clients, args.per_client)
-        stats = app.state.service.batcher.stats
-        results[name] = (result, statistics.mean(stats.sizes) if stats.sizes else 0.0)
-        print(f"{name}: {result.summary()}", flush=True)
+    variants = {"one at a time": 1, "micro-batched": args.max_batch}
+    apps = {name: create_app(embedder, model, store, ServeSettings(batch=BatchSettings(
+        max_batch=size, max_wait_ms=args.max_wait_ms, max_queue=4 * args.clients))) for name, size in variants.items()}
+    servers = {name: ServerThread(app) for name, app in apps.items()}
+    for server in servers.values():
+        server.__enter__()
+    dtype = str(next(embedder.backbone.parameters()).dtype).removeprefix("torch.")
+    print(f"{model} ({dtype}) · {args.clients} clients · {args.rounds} rounds × {args.per_client} requests per "
+          f"client per server · max_batch {args.max_batch}, max_wait {args.max_wait_ms:g} ms", flush=True)
+    try:
+        rows = []
+        for mix_name, mix in mixes.items():
+            reference = [post(servers["one at a time"].url, path, body)[1] for path, body in mix]
+            for path, body in mix:  # warm-up of the other server
+                post(servers["micro-batched"].url, path, body)
+            passes: dict[str, list] = {name: [] for name in variants}
+            before = {name: len(app.state.service.batcher.stats.sizes) for name, app in apps.items()}
+            for r in range(args.rounds):
+                order = list(variants) if r % 2 == 0 else list(reversed(variants))
+                for name in order:
+                    result = run_load(servers[name].url, mix, args.clients, args.per_client)
+                    passes[name].append(result)
+                    print(f"  {mix_name} round {r + 1} {name}: {result.throughput:.2f} requests/s", flush=True)
+            ratios = [b.throughput / s.throughput for s, b in zip(passes["one at a time"], passes["micro-batched"])]
+            for name in variants:
+                results = passes[name]
+                sizes = apps[name].state.service.batcher.stats.sizes[before[name]:]
+                latencies = [x for result in results for x in result.latencies]
+                rows.append((mix_name, name, sum(r.requests for r in results), sum(len(r.errors) for r in results),
+                             statistics.median(latencies) * 1000, statistics.median(r.throughput for r in results),
+                             statistics.mean(sizes) if sizes else 0.0,
+                             sum(len(check_answers(r, mix, reference)) for r in results),
+                             max(deviation(r, mix, reference) for r in results),
+                             statistics.median(ratios) if name == "micro-batched" else None, ratios))
+    finally:
+        for server in servers.values():
+            server.__exit__(None, None, None)
 
-    serial, batched = results["one at a time"][0], results["micro-batched"][0]
-    mismatches = {name: len(check_answers(result, mix, reference)) for name, (result, _) in results.items()}
-
-    print(f"\n{model} · {args.clients} clients × {args.per_client} requests · mix of {len(mix)} distinct requests "
-          f"(texts, images, image+text, dimensions, base64{', search' if store else ''})\n")
-    print("| server | requests | errors | median latency (ms) | p95 latency (ms) | requests/s | inputs per forward pass |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, (result, mean_batch) in results.items():
-        s = result.summary()
-        print(f"| {name} | {s['requests']} | {s['errors']} | {s['median_ms']} | {s['p95_ms']} | "
-              f"{s['requests_per_s']} | {mean_batch:.1f} |")
-    print(f"\nmicro-batching throughput gain: {batched.throughput / serial.throughput:.2f}× · answers differing "
-          "from the single-request answer: " + ", ".join(f"{k} {v}" for k, v in mismatches.items()))
+    print("\n| mix | server | requests | errors | median latency (ms) | requests/s (median of rounds) | "
+          "inputs per forward pass | answers off by > 1e-4 | largest difference | throughput ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for mix_name, name, n, errors, latency, rps, size, off, worst, ratio, _ in rows:
+        print(f"| {mix_name} | {name} | {n} | {errors} | {latency:.0f} | {rps:.2f} | {size:.1f} | {off} | {worst:.1e} | "
+              f"{'' if ratio is None else f'{ratio:.2f}×'} |")
+    print()
+    for mix_name, name, *_, ratio, ratios in rows:
+        if ratio is not None:
+            print(f"{mix_name}: micro-batched / one at a time = {ratio:.2f}× (median; rounds: "
+                  + ", ".join(f"{x:.2f}" for x in ratios) + ")")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +33,8 @@ from magic_mm.index.search import RerankerUnavailableError, load_reranker, reran
 from magic_mm.index.store import Hit, PageStore
 from magic_mm.model.embedder import MagicEmbedder
 from magic_mm.model.inputs import MMInput, PreparedInput
+from magic_mm.model.lm_batch import build_lm_batch, hidden_states
+from magic_mm.model.prompts import IMAGE, build_prompt
 from magic_mm.serve.batcher import MicroBatcher, ServerBusyError, finish
 from magic_mm.serve.limits import (
     ApiError,
@@ -61,9 +64,41 @@ class Service:
         self._visual_tokens: dict[tuple[tuple[int, int], ...], int] = {}
         self._visual_tokens_lock = threading.Lock()
 
-    def _embed_raw(self, items: list[PreparedInput], role: str, instruction: str | None) -> np.ndarray:
-        return self.embedder.encode(items, role=role, instruction=instruction, normalize=False,
-                                    batch_size=self.settings.batch.max_batch)
+    def _embed_raw(self, items: list[PreparedInput], prompts: list[tuple[str, str | None]]) -> np.ndarray:
+        """Raw vectors of ``items``, each under its own (role, instruction) prompt, in batches of max_batch.
+
+        ``MagicEmbedder.embed_prepared`` with one prompt per input instead of one per call, so the
+        batcher can put queries and candidates in the same forward pass; the load test and the
+        round-trip test check that the vectors equal ``MagicEmbedder.encode``'s."""
+        embedder, step = self.embedder, self.settings.batch.max_batch
+        out = []
+        for start in range(0, len(items), step):
+            lm_prompts = []
+            for item, (role, instruction) in zip(items[start : start + step], prompts[start : start + step]):
+                if instruction is None:
+                    instruction = embedder.config.instructions.get(role, "")
+                text = embedder._truncate(item.text, item.name) if item.text else None
+                prompt = build_prompt(role, instruction, text, item.image is not None)
+                lm_prompts.append([item.image if segment is IMAGE else segment for segment in prompt.segments])
+            with torch.inference_mode():
+                batch = build_lm_batch(embedder.backbone, lm_prompts)
+                states = hidden_states(embedder.backbone, batch)
+                pooled = states[torch.arange(len(lm_prompts), device=states.device), batch.last_token]
+            out.append(pooled.float().cpu().numpy())
+        return np.concatenate(out)
+
+    def parse_inputs(self, raw: Any) -> list[PreparedInput]:
+        """``input`` → prepared inputs, images decoded and (where the backbone does that ahead) resized.
+        Run on a worker thread when there are images, so decoding never stalls the event loop."""
+        items = embedding_inputs(raw, self.settings)
+        return [self.ready(item) for item in items]
+
+    def ready(self, item: PreparedInput) -> PreparedInput:
+        """The backbone's thread-safe image preparation (a resize for magic-mm-tiny), done here rather
+        than in the batcher's thread; it does not change the vectors."""
+        if item.image is None:
+            return item
+        return PreparedInput(text=item.text, image=self.embedder.backbone.prepare_image(item.image), name=item.name)
 
     def reranker(self) -> Any:
         """The reranker, loaded once; ``RerankerUnavailableError`` if this magic-mm has none."""
@@ -153,7 +188,7 @@ def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = No
         return (files("magic_mm.serve") / "static" / "index.html").read_text(encoding="utf-8")
 
     @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> dict[str, Any]:
+    async def embeddings(request: Request) -> JSONResponse:
         body = await json_body(request)
         check_model(body, service)
         dim = optional_int(body, "dimensions", 1, embedder.embedding_dim)
@@ -170,13 +205,18 @@ def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = No
         if "input" not in body:
             raise ApiError(400, "input: missing; send a string, a list of strings or a list of content-part lists",
                            "input")
-        items = embedding_inputs(body["input"], settings)
+        raw = body["input"]
+        if isinstance(raw, str) or (isinstance(raw, list) and all(isinstance(x, str) for x in raw)):
+            items = embedding_inputs(raw, settings)  # texts only: quick, stay on the event loop
+        else:
+            items = await run_in_threadpool(service.parse_inputs, raw)
+        tokens = service.tokens(items)
         vectors = finish(await service.batcher.embed(items, role, instruction), dim)
         data = [{"object": "embedding", "index": i,
                  "embedding": encode_vector(v, encoding)} for i, v in enumerate(vectors)]
-        tokens = service.tokens(items)
-        return {"object": "list", "data": data, "model": model,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        # A ready JSONResponse: FastAPI would otherwise walk every float through jsonable_encoder.
+        return JSONResponse({"object": "list", "data": data, "model": model,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     @app.post("/v1/rerank")
     async def rerank(request: Request) -> dict[str, Any]:
@@ -223,7 +263,7 @@ def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = No
         if text is not None and not isinstance(text, str):
             raise ApiError(400, "query: expected a string", "query")
         image = body.get("image")
-        picture = image_from_url(image, "image", settings) if image else None
+        picture = await run_in_threadpool(image_from_url, image, "image", settings) if image else None
         if not (text and text.strip()) and picture is None:
             raise ApiError(400, "empty search: send a \"query\" text, an \"image\" (data: URL), or both", "query")
         query = prepare_checked(MMInput(text=text if text and text.strip() else None, image=picture, name="query"))

@@ -3,7 +3,9 @@
 Requests put a job on a bounded queue (full queue → ``ServerBusyError``, answered 503).
 One worker thread owns the model: it takes the first waiting job, then keeps taking
 jobs until it has ``max_batch`` inputs or ``max_wait_ms`` has passed, and runs them
-together (grouped by prompt role and instruction).  The model returns raw vectors;
+together: one forward pass for the texts and one for the image inputs (a short text padded
+to an image prompt's length would cost as much as the image); each input keeps its own
+prompt role and instruction.  The model returns raw vectors;
 each request truncates (``dimensions``) and normalises its own rows, so an answer does
 not depend on which other requests shared its batch.
 """
@@ -22,7 +24,8 @@ import numpy as np
 
 from magic_mm.model.inputs import PreparedInput
 
-EmbedFn = Callable[[list[PreparedInput], str, "str | None"], np.ndarray]
+Prompt = tuple[str, "str | None"]  # (role, instruction) of one input
+EmbedFn = Callable[[list[PreparedInput], list[Prompt]], np.ndarray]  # raw vectors, one row per input
 
 
 @dataclass
@@ -51,7 +54,9 @@ class BatchStats:
     batches: int = 0
     inputs: int = 0
     requests: int = 0
-    sizes: list[int] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # inputs per forward pass
+    collections: int = 0  # times the worker took jobs off the queue
+    collected: list[int] = field(default_factory=list)  # requests taken each time
 
 
 class MicroBatcher:
@@ -113,41 +118,43 @@ class MicroBatcher:
                 return
 
     def _process(self, jobs: list[_Job]) -> None:
-        groups: dict[tuple[str, str | None], list[_Job]] = defaultdict(list)
+        """One forward pass for the texts, then one for the image inputs; each input carries its own
+        prompt (role and instruction), so queries and candidates share a pass.  Texts go first, as
+        they are quick, and a request is answered as soon as the last pass it has inputs in is done."""
+        self.stats.collections += 1
+        self.stats.collected.append(len(jobs))
+        passes: dict[bool, list[tuple[_Job, int]]] = defaultdict(list)
+        pending: dict[int, int] = {}  # id(job) → passes still to run for it
         for job in jobs:
-            groups[(job.role, job.instruction)].append(job)
-        for (role, instruction), members in groups.items():
-            items = [item for job in members for item in job.items]
+            pending[id(job)] = len({item.image is not None for item in job.items})
+            for position, item in enumerate(job.items):
+                passes[item.image is not None].append((job, position))
+        results: dict[int, np.ndarray] = {}
+        failed: set[int] = set()
+        for _, members in sorted(passes.items()):
+            items = [job.items[position] for job, position in members]
+            prompts = [(job.role, job.instruction) for job, _ in members]
             try:
-                vectors = self._embed_by_modality(items, role, instruction)
+                vectors = self.embed_fn(items, prompts)
             except Exception as exc:  # handed to the waiting requests, which answer with an error
-                for job in members:
-                    _resolve(job, exc)
+                for job, _ in members:
+                    if id(job) not in failed:
+                        failed.add(id(job))
+                        _resolve(job, exc)
                 continue
-            self.stats.requests += len(members)
-            start = 0
-            for job in members:
-                _resolve(job, vectors[start : start + len(job.items)])
-                start += len(job.items)
-
-
-    def _embed_by_modality(self, items: list[PreparedInput], role: str, instruction: str | None) -> np.ndarray:
-        """Texts and image inputs in separate passes: a short text padded to an image prompt's
-        length (~60 visual and prompt tokens) would cost as much as the image."""
-        buckets: dict[bool, list[int]] = defaultdict(list)
-        for i, item in enumerate(items):
-            buckets[item.image is not None].append(i)
-        out: np.ndarray | None = None
-        for indices in buckets.values():
-            vectors = self.embed_fn([items[i] for i in indices], role, instruction)
-            if out is None:
-                out = np.empty((len(items), vectors.shape[1]), dtype=vectors.dtype)
-            out[indices] = vectors
             self.stats.batches += 1
-            self.stats.inputs += len(indices)
-            self.stats.sizes.append(len(indices))
-        assert out is not None
-        return out
+            self.stats.inputs += len(items)
+            self.stats.sizes.append(len(items))
+            for row, (job, position) in enumerate(members):
+                if id(job) not in failed:
+                    if id(job) not in results:
+                        results[id(job)] = np.empty((len(job.items), vectors.shape[1]), dtype=vectors.dtype)
+                    results[id(job)][position] = vectors[row]
+            for job in {id(job): job for job, _ in members}.values():
+                pending[id(job)] -= 1
+                if pending[id(job)] == 0 and id(job) not in failed:
+                    self.stats.requests += 1
+                    _resolve(job, results.pop(id(job)))
 
 
 def _resolve(job: _Job, value: np.ndarray | BaseException) -> None:

@@ -50,6 +50,31 @@ def request_mix(with_search: bool = True) -> list[Request]:
     return mix
 
 
+QUERIES = ["a dog running on the grass", "two children on a beach", "a man riding a bicycle",
+           "a red car parked in the street", "people walking in the snow", "a boat on a lake",
+           "a woman holding an umbrella in the rain", "a black dog jumps over a log", "a crowd at a concert",
+           "a surfer riding a big wave", "a little girl in a pink dress", "two men playing football",
+           "a climber on a rock face", "a brown horse in a field", "an old man sitting on a bench",
+           "kids splashing in a fountain"]
+
+
+def text_mix() -> list[Request]:
+    """Sixteen distinct one-text search queries: what a search box sends."""
+    return [("/v1/embeddings", {"input": q}) for q in QUERIES]
+
+
+def image_mix(urls: list[str] | None = None) -> list[Request]:
+    """One image per request (``urls``: data: URLs, e.g. of real photos; default 16 synthetic PNGs)."""
+    urls = urls or [_png_url(100 + seed) for seed in range(16)]
+    return [("/v1/embeddings", {"input": [{"type": "image_url", "image_url": {"url": url}}]}) for url in urls]
+
+
+def file_data_url(path: str) -> str:
+    kind = "png" if str(path).lower().endswith(".png") else "jpeg"
+    with open(path, "rb") as fh:
+        return f"data:image/{kind};base64," + base64.b64encode(fh.read()).decode()
+
+
 def post(base: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None,
          conn: http.client.HTTPConnection | None = None) -> tuple[int, Any, float]:
     """(status, JSON answer, seconds)."""
@@ -151,6 +176,17 @@ def same_answer(path: str, got: Any, reference: Any, atol: float = 1e-4) -> bool
     return (len(hits) == len(ref) and all(abs(ref.get((r["path"], r["page"]), np.inf) - r["score"]) <= atol
                                           for r in hits)
             and all(x >= y - atol for x, y in zip(scores, scores[1:])))
+
+
+def deviation(result: LoadResult, mix: list[Request], reference: list[Any]) -> float:
+    """The largest absolute difference between an embedding answer and its single-request answer."""
+    worst = 0.0
+    for which, answer in result.answers.values():
+        if mix[which][0] == "/v1/embeddings":
+            a, b = vectors_of(answer), vectors_of(reference[which])
+            if a.shape == b.shape:
+                worst = max(worst, float(np.abs(a - b).max()))
+    return worst
 
 
 def check_answers(result: LoadResult, mix: list[Request], reference: list[Any]) -> list[str]:

@@ -1,0 +1,121 @@
+"""Micro-batching over HTTP: a request answered inside a busy batch gets its single-request answer.
+
+Grouping is made deterministic without timing: the batcher fires as soon as it holds
+``max_batch`` inputs, and its wait is long, so requests sent together always share a
+collection (texts in one forward pass, images in another, queries and candidates mixed).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from conftest import make_image
+from serve_helpers import MODEL, data_url, post
+
+from magic_mm.model.inputs import MMInput
+from magic_mm.serve.app import create_app
+from magic_mm.serve.batcher import BatchSettings
+from magic_mm.serve.limits import ServeSettings
+from magic_mm.serve.loadgen import vectors_of
+from magic_mm.serve.runner import ServerThread
+
+IMAGES = [make_image(72, 56, seed=40 + i) for i in range(2)]
+# (body, what MagicEmbedder.encode gets for it: inputs and keyword arguments)
+REQUESTS = [
+    ({"input": "a dog on the beach"}, (["a dog on the beach"], {})),
+    ({"input": ["a red car", "two children playing football in a park"]},
+     (["a red car", "two children playing football in a park"], {})),
+    ({"input": "a page about boats", "role": "candidate"}, (["a page about boats"], {"role": "candidate"})),
+    ({"input": "boats", "instruction": "Find a document about this."},
+     (["boats"], {"instruction": "Find a document about this."})),
+    ({"input": [[{"type": "image_url", "image_url": {"url": data_url(IMAGES[0])}}]], "role": "candidate"},
+     ([IMAGES[0]], {"role": "candidate"})),
+    ({"input": [[{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": data_url(IMAGES[1])}}],
+                "a text next to an image"], "dimensions": 16},
+     ([MMInput(image=IMAGES[1], text="what is this?"), "a text next to an image"], {"dim": 16})),
+]
+INPUTS = sum(len(expected[0]) for _, expected in REQUESTS)  # 8
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_composed):
+    """A batching server that waits (up to a minute) until it holds all 8 inputs, and a plain one."""
+    busy = create_app(tiny_composed, MODEL, None, ServeSettings(batch=BatchSettings(max_batch=INPUTS,
+                                                                                    max_wait_ms=60_000)))
+    alone = create_app(tiny_composed, MODEL, None, ServeSettings(batch=BatchSettings(max_batch=1)))
+    with ServerThread(busy) as busy_server, ServerThread(alone) as alone_server:
+        yield busy_server.url, busy.state.service.batcher, alone_server.url
+
+
+def test_answers_inside_a_mixed_batch_equal_single_request_answers(servers, tiny_composed):
+    busy_url, batcher, alone_url = servers
+    single = []
+    for body, _ in REQUESTS:
+        status, answer = post(alone_url, "/v1/embeddings", body)
+        assert status == 200, answer
+        single.append(answer)
+    before = len(batcher.stats.sizes)
+
+    answers: list = [None] * len(REQUESTS)
+
+    def send(i: int) -> None:
+        answers[i] = post(busy_url, "/v1/embeddings", REQUESTS[i][0])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(REQUESTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # all six requests were taken together: one pass for the 6 texts (queries, a candidate, a
+    # custom instruction, a Matryoshka one) and one for the 2 image inputs
+    assert batcher.stats.collected[-1] == len(REQUESTS)
+    assert sorted(batcher.stats.sizes[before:]) == [2, 6]
+    for (body, (inputs, kwargs)), alone, (status, batched) in zip(REQUESTS, single, answers):
+        assert status == 200, batched
+        got = vectors_of(batched)
+        np.testing.assert_allclose(got, vectors_of(alone), atol=1e-5, rtol=0)  # float32: equal, in practice exactly
+        np.testing.assert_allclose(got, tiny_composed.encode(inputs, **kwargs), atol=1e-5, rtol=0)
+        assert batched["usage"] == alone["usage"]
+
+
+def test_a_bad_input_fails_only_its_own_request(servers):
+    busy_url, _, _ = servers
+    # the batcher fires at 8 inputs: 7 good ones, and one whose request is refused before it is queued
+    good = {"input": ["one", "two", "three", "four", "five", "six", "seven"]}
+    results: dict = {}
+
+    def send(name: str, body: dict) -> None:
+        results[name] = post(busy_url, "/v1/embeddings", body)
+
+    threads = [threading.Thread(target=send, args=("bad", {"input": [[{"type": "image_url", "image_url": {
+                   "url": "data:image/png;base64,AAAA"}}]]})),
+               threading.Thread(target=send, args=("good", good)),
+               threading.Thread(target=send, args=("last", {"input": "eight"}))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results["bad"][0] == 400 and results["bad"][1]["error"]["code"] == "bad_image"
+    assert results["good"][0] == 200 and len(results["good"][1]["data"]) == 7
+    assert results["last"][0] == 200
+
+
+def test_usage_counts_do_not_run_the_vision_encoder(servers, tiny_composed):
+    """Counting visual tokens used to run the vision encoder once more per image, on the event loop."""
+    _, _, alone_url = servers
+    body = {"input": [[{"type": "image_url", "image_url": {"url": data_url(make_image(90, 70, seed=7))}}]]}
+    assert post(alone_url, "/v1/embeddings", body)[0] == 200  # warm: the one count per tile layout
+    backbone = tiny_composed.backbone
+    calls = []
+    original = backbone.vision_grid
+    backbone.vision_grid = lambda pixels: calls.append(len(pixels)) or original(pixels)
+    try:
+        status, answer = post(alone_url, "/v1/embeddings", {"input": [[{"type": "image_url", "image_url": {
+            "url": data_url(make_image(64, 100, seed=8))}}]]})
+    finally:
+        del backbone.vision_grid
+    assert status == 200 and answer["usage"]["prompt_tokens"] == backbone.visual_tokens(64, 100)
+    assert calls == [1]  # the embedding itself, nothing else
