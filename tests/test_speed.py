@@ -214,3 +214,20 @@ def test_cli_index_in_fp32_searched_in_bf16_says_so(run_cli, tmp_path):
     assert "index was built in float32 and the model now runs in bfloat16" in err
     code, out, err = run_cli("search", "a cat", "--db", db, "--k", "2", "--dtype", "float32", "--json")
     assert code == 0 and "built in" not in err
+
+
+def test_merged_lora_gives_the_same_vectors_and_keeps_the_trained_weights():
+    model = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="float32")
+    model.add_lora()
+    with torch.no_grad():  # a fresh LoRA's B is zero; give it a real delta
+        for name, p in model.trained_parameters().items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    inputs = ["a dog on the grass", make_image(96, 64, 3)]
+    before = model.encode(inputs)
+    saved = {k: v.clone() for k, v in model.trained_state_dict().items()}
+    assert model.merge_lora() == sum(1 for n in saved if n.endswith("lora_A.default.weight"))
+    assert model.merge_lora() == 0  # idempotent
+    np.testing.assert_allclose(model.encode(inputs), before, atol=1e-5)
+    for k, v in model.trained_state_dict().items():
+        torch.testing.assert_close(v, saved[k], atol=0, rtol=0)

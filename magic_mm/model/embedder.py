@@ -69,6 +69,10 @@ def _length_key(item: Any) -> tuple[bool, int]:
     return item.image is not None, len(item.text or "")
 
 
+def _has_image_work(item: Any) -> bool:
+    return isinstance(item, _Pending) or isinstance(getattr(item, "image", None), Image.Image)
+
+
 class MagicEmbedder(torch.nn.Module):
     """A universal embedder for text, images and image+text, with visual-token compression.
 
@@ -148,7 +152,25 @@ class MagicEmbedder(torch.nn.Module):
             # The index stamp hashes the trained weights as saved (float32), so an index built
             # in one dtype is recognised by the same model loaded in another.
             model.source_state = {k: v.detach().clone() for k, v in model.trained_state_dict().items()}
+            # A reduced-precision model is for inference: LoRA is merged into the base weights
+            # (in float32, before the cast: one rounding, and 2/3 fewer LM matmuls).  Train from
+            # a float32 model (the training loop loads one), where LoRA stays separate.
+            model.merge_lora()
         return model.to(device=target, dtype=run_dtype).eval()
+
+    def merge_lora(self) -> int:
+        """Add every LoRA delta into its base weight, in place (inference only: merged
+        adapters get no gradient).  The LoRA parameters stay, so ``save_pretrained`` and the
+        index fingerprint are unchanged.  Returns how many layers were merged."""
+        from peft.tuners.lora import LoraLayer
+
+        merged = 0
+        with torch.no_grad():
+            for module in self.backbone.decoder.modules():
+                if isinstance(module, LoraLayer) and not module.merged:
+                    module.merge()
+                    merged += 1
+        return merged
 
     def _load_trained_weights(self, folder: Path, saved: Compression) -> None:
         path = folder / WEIGHTS_FILE
@@ -303,7 +325,8 @@ class MagicEmbedder(torch.nn.Module):
         ``UserError`` (the lowest input index of the batch, if several are bad)."""
         if not batches:
             return
-        if self.decode_threads < 1:  # decode inline (no worker threads)
+        if self.decode_threads < 1 or not any(_has_image_work(items[i]) for batch in batches for i in batch):
+            # decode inline: threads are off, or there is nothing to decode (texts only)
             for batch in batches:
                 yield batch, [self._prepare_for_model(items[i]) for i in batch]
             return
