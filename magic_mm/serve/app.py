@@ -230,7 +230,12 @@ def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = No
         if len(documents) > settings.max_inputs:
             raise ApiError(413, f"documents: {len(documents)} is more than the limit of {settings.max_inputs}",
                            "documents", "too_many_inputs")
-        docs = [rerank_item(d, f"documents[{i}]", settings) for i, d in enumerate(documents)]
+        def parse_documents() -> list[PreparedInput]:
+            return [rerank_item(d, f"documents[{i}]", settings) for i, d in enumerate(documents)]
+
+        # documents with images are decoded on a worker thread, as in /v1/embeddings
+        docs = parse_documents() if all(isinstance(d, str) for d in documents) else await run_in_threadpool(
+            parse_documents)
         top_n = optional_int(body, "top_n", 1, len(docs)) or len(docs)
         return_documents = body.get("return_documents", True)
         try:
