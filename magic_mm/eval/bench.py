@@ -481,8 +481,12 @@ def memory_job(job: dict[str, Any]) -> dict[str, Any]:
     texts, images = bench_inputs(Path(job["data"]), max(job["batch"], 1))
     subject.query(texts[:1])
     subject.candidate(images[: max(job["batch"], 1)])
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.device(device).type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)  # KiB on Linux
+    if torch.device(device).type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        # ru_maxrss is KiB on Linux.  The kernel updates that high-water mark lazily, so it can
+        # trail an RSS read a moment ago; the peak is at least every RSS actually seen.
+        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, loaded, rss_mib())
     return {"rss_loaded_mib": loaded, "peak_mib": peak, "batch": max(job["batch"], 1)}
 
 

@@ -287,14 +287,11 @@ class MagicEmbedder(torch.nn.Module):
                     pooled = self.embed_prepared(batch, role, instruction)
                 vectors.append(pooled.float().cpu())
                 advance(len(batch))
-        if vectors:
-            stacked = torch.cat(vectors)
-            inverse = torch.empty(len(order), dtype=torch.long)
-            inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-            vectors = [stacked[inverse]]
         if not vectors:
             return np.zeros((0, dim or self.embedding_dim), dtype=np.float32)
-        out = torch.cat(vectors)
+        sorted_rows = torch.cat(vectors)
+        out = torch.empty_like(sorted_rows)
+        out[torch.tensor(order, dtype=torch.long)] = sorted_rows  # back to input order
         if dim is not None:
             out = out[:, :dim]
         if normalize:
