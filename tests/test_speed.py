@@ -231,3 +231,23 @@ def test_merged_lora_gives_the_same_vectors_and_keeps_the_trained_weights():
     np.testing.assert_allclose(model.encode(inputs), before, atol=1e-5)
     for k, v in model.trained_state_dict().items():
         torch.testing.assert_close(v, saved[k], atol=0, rtol=0)
+
+
+def test_cpu_vision_calls_are_capped_and_give_the_same_grids(tiny_composed, monkeypatch):
+    """The vision encoder gets at most CPU_VISION_TILES_PER_CALL tiles a call on a CPU (cache-sized
+    chunks are faster there); the grids equal those of one call for every tile."""
+    from magic_mm.model.backbones import base
+
+    backbone = tiny_composed.backbone
+    images = [make_image(96, 64, seed) for seed in range(5)]
+    calls: list[int] = []
+    original = backbone.vision_grid
+    monkeypatch.setattr(backbone, "vision_grid", lambda pixels: calls.append(len(pixels)) or original(pixels))
+    monkeypatch.setattr(base, "CPU_VISION_TILES_PER_CALL", 2)
+    chunked = backbone.vision_features(images)
+    assert calls == [2, 2, 1]
+    monkeypatch.setattr(base, "CPU_VISION_TILES_PER_CALL", 10**9)
+    whole = backbone.vision_features(images)
+    assert calls[3:] == [5]
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a.features, b.features, rtol=1e-4, atol=1e-4)  # batch invariance, as elsewhere

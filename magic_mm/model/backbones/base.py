@@ -71,6 +71,12 @@ class ImageTokens:
 ImageInput = Image.Image | VisionGrid  # what ``encode_images`` takes per image
 
 
+# On a CPU the vision encoder's activations for many tiles at once spill out of the caches:
+# EfficientNet-Lite0 (448 px, bf16) took 44 ms per image at 8 tiles a call and 25 ms at 2-4
+# (benchmarks/vision_batch.py).  A GPU gets every tile in one call.
+CPU_VISION_TILES_PER_CALL = 4
+
+
 class Backbone(nn.Module, ABC):
     family: ClassVar[str]
     #: Text placed right before / after the visual tokens (e.g. InternVL's ``<img>``).
@@ -144,7 +150,9 @@ class Backbone(nn.Module, ABC):
     def vision_features(self, images: Sequence[Image.Image]) -> list[VisionGrid]:
         """Uncompressed vision grids, one vision-encoder call for every tile of ``images``."""
         tiles = [self.image_tiles(img) for img in images]
-        grid = self.vision_grid(torch.cat(tiles).to(self.device, self.dtype))
+        pixels = torch.cat(tiles).to(self.device, self.dtype)
+        per_call = CPU_VISION_TILES_PER_CALL if self.device.type == "cpu" else len(pixels)
+        grid = torch.cat([self.vision_grid(chunk) for chunk in pixels.split(per_call)])
         return [VisionGrid(part) for part in grid.split([len(t) for t in tiles])]
 
     def encode_images(self, images: Sequence[ImageInput]) -> list[ImageTokens]:
