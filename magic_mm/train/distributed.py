@@ -135,15 +135,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank."""
-    if not active():
-        return obj
-    box = [obj if rank() == src else None]
-    dist.broadcast_object_list(box, src=src, device=_comm_device() if dist.get_backend() == "nccl" else None)
-    return box[0]
-
-
 def all_reduce_sum(values: Sequence[float]) -> list[float]:
     """Element-wise sum over ranks (float64)."""
     if not active():
