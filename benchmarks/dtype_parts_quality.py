@@ -55,16 +55,22 @@ def vision_only_bf16(model_name: str, items: list, instruction: str) -> np.ndarr
     return model.encode(inputs, role="candidate", instruction=instruction, batch_size=16, show_progress=True)
 
 
+def task_items(tasks: Path):  # noqa: ANN201
+    """The first task of ``tasks``: its spec, rows, and its unique queries and candidates in order."""
+    spec = load_tasks(tasks)[0]
+    rows = spec.load()
+    queries = list(dict.fromkeys(r.query for r in rows))
+    pool = list(dict.fromkeys(c for r in rows for c in r.candidates))
+    return spec, rows, queries, pool
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=Path, default=Path(__file__).parent / "flickr8k-t2i.yaml")
     parser.add_argument("--model", default="magic-mm-tiny")
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args()
-    spec = load_tasks(args.tasks)[0]
-    rows = spec.load()
-    queries = list(dict.fromkeys(r.query for r in rows))
-    pool = list(dict.fromkeys(c for r in rows for c in r.candidates))
+    spec, rows, queries, pool = task_items(args.tasks)
     enc = {d: make_encoder(EvalSettings(model=args.model, dtype=d, cache_root=args.cache_dir, show_progress=True))
            for d in ("float32", "bfloat16")}
     q = {d: enc[d].encode(queries, "query") for d in enc}

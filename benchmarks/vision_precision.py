@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dtype_parts_quality import Fixed  # noqa: E402
+from dtype_parts_quality import Fixed, task_items  # noqa: E402
 
 from magic_mm import MagicEmbedder  # noqa: E402
 from magic_mm.eval.harness import EvalSettings, evaluate_rows, make_encoder  # noqa: E402
-from magic_mm.eval.tasks import load_tasks  # noqa: E402
 from magic_mm.model.inputs import MMInput  # noqa: E402
 
 
@@ -53,10 +52,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args()
-    spec = load_tasks(args.tasks)[0]
-    rows = spec.load()
-    queries = list(dict.fromkeys(r.query for r in rows))
-    pool = list(dict.fromkeys(c for r in rows for c in r.candidates))
+    spec, rows, queries, pool = task_items(args.tasks)
     bf16_enc = make_encoder(EvalSettings(dtype="bfloat16", cache_root=args.cache_dir))
     fp32_enc = make_encoder(EvalSettings(dtype="float32", cache_root=args.cache_dir))
     q = bf16_enc.encode(queries, "query")
