@@ -244,19 +244,36 @@ from magic_mm.train.commands import register as _register_train; _register_train
 from magic_mm.serve.commands import register as _register_serve; _register_serve(app)  # noqa: E402,E702  (index, search, serve)
 
 
+def _usage_error_types() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], ...], tuple[type[Exception], ...]]:
+    """(usage errors, aborts, exits) of every click the installed typer may raise.
+
+    typer 0.29 vendors click as ``typer._click`` and raises that copy's classes, which are
+    not subclasses of the ``click`` package's; older typers raise the ``click`` package's.
+    """
+    usage: list[type[Exception]] = [click.exceptions.ClickException]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:  # typer < 0.29
+        pass
+    else:
+        usage.append(vendored.ClickException)
+    return tuple(usage), (click.exceptions.Abort, typer.Abort), (click.exceptions.Exit, typer.Exit)
+
+
 def main() -> None:
+    usage_errors, aborts, exits = _usage_error_types()
     try:
         app(standalone_mode=False)
     except UserError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.ClickException as exc:
-        exc.show()
+    except usage_errors as exc:
+        exc.show()  # click's own "Usage: …  Error: No such option: --k (Possible options: --k1)"
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except aborts:
         err.print("aborted")
         sys.exit(130)
-    except click.exceptions.Exit as exc:
+    except exits as exc:
         sys.exit(exc.exit_code)
 
 
