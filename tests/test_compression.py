@@ -113,3 +113,25 @@ def test_spec_round_trips_through_str():
     for spec in ["none", "bilinear:2", "avgpool:4", "pixel_unshuffle:2", "bilinear:7x5"]:
         assert str(Compression.parse(spec)) == spec
     assert str(Compression.parse("bilinear")) == "bilinear:2"
+
+
+@pytest.mark.parametrize("size", [14, 32])
+def test_bilinear_2_is_avgpool_2_on_an_even_grid(size):
+    """Half-pixel bilinear by 2 samples each 2x2 block's centre: a 2x2 average (so not an ablation)."""
+    grid = torch.randn(2, size, size, 16, generator=torch.Generator().manual_seed(size))
+    bilinear, avgpool = Compression.parse("bilinear:2")(grid), Compression.parse("avgpool:2")(grid)
+    assert torch.allclose(bilinear, avgpool, atol=1e-6)
+
+
+def test_the_bench_default_variants_are_different_operators():
+    """Each pair of default bench variants with the same token count computes different grids."""
+    from magic_mm.eval.bench import BenchSettings
+
+    grid = torch.randn(1, 14, 14, 16, generator=torch.Generator().manual_seed(0))
+    outputs = {spec: Compression.parse(spec)(grid) for spec in BenchSettings().compressions}
+    specs = list(outputs)
+    for n, a in enumerate(specs):
+        for b in specs[n + 1 :]:
+            if outputs[a].shape == outputs[b].shape:
+                assert (outputs[a] - outputs[b]).abs().max() > 1e-2, (a, b)
+    assert any(outputs[a].shape == outputs[b].shape for n, a in enumerate(specs) for b in specs[n + 1 :])

@@ -67,7 +67,7 @@ IMAGE_SIZE = 448  # natural images are given at 448×448: one InternVL tile, the
 @dataclass
 class BenchSettings:
     model: str = "magic-mm-tiny"
-    compressions: list[str] = field(default_factory=lambda: ["none", "bilinear:2", "bilinear:4", "avgpool:2"])
+    compressions: list[str] = field(default_factory=lambda: ["none", "bilinear:2", "bilinear:4", "avgpool:4"])
     reps: int = 5  # interleaved repetitions
     items: int = 4  # distinct queries / candidates timed per repetition
     batch: int = 8  # throughput batch (0: skip)

@@ -13,7 +13,11 @@ with s = 2 becomes 4×4 = 16 tokens (never 3×3: no image region is dropped).
 * ``bilinear`` resamples to that size (``align_corners=False``, no antialias),
   i.e. each output cell samples the input at its own centre.
 * ``avgpool`` uses adaptive average pooling, whose windows overlap by one
-  cell where the grid does not divide.
+  cell where the grid does not divide.  With s = 2 on an even grid, ``bilinear``
+  at half-pixel centres averages exactly each 2×2 block, so ``bilinear:2`` and
+  ``avgpool:2`` are the same operator there (they differ by float rounding, ~1e-7).
+  They part ways for s ≥ 3 or odd grids: ``bilinear:4`` reads only the middle 2×2
+  of each 4×4 window, ``avgpool:4`` all 16 cells.
 * ``pixel_unshuffle`` zero-pads the bottom/right edge up to a multiple of ``s``
   and stacks each s×s block into the channels (C becomes C·s²), which is how
   InternVL merges 2×2 patches.  Its connector must therefore expect C·s².
