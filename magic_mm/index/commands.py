@@ -17,8 +17,11 @@ from magic_mm.errors import UserError
 out = Console()
 err = Console(stderr=True)
 
-DEFAULT_DB = Path("magic.lance")
-DbOpt = Annotated[Path, typer.Option("--db", help="LanceDB folder holding the index.")]
+DEFAULT_DB = "magic.lance"
+# A str, not a Path: an object-store URI (s3://bucket/magic.lance) must keep its "//".
+DbOpt = Annotated[str, typer.Option("--db", help="LanceDB folder holding the index (or an object-store URI "
+                                               "LanceDB accepts, e.g. s3://bucket/magic.lance).")]
+ENGINES = ("local", "ray")
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", help="Model; default: the one the index was built with (new index: magic-mm-tiny).")]
 CompressionOpt = Annotated[str | None, typer.Option(help="Override compression (must match the index).")]
@@ -37,7 +40,7 @@ def load_embedder(model: str, compression: str | None, quiet: bool = False, dtyp
         return MagicEmbedder.from_pretrained(model, compression=compression, dtype=dtype)
 
 
-def model_for(db: Path, model: str | None) -> str:
+def model_for(db: str, model: str | None) -> str:
     """``--model`` if given, else the model that built ``db``, else the default."""
     if model is not None:
         return model
@@ -62,31 +65,53 @@ def index(
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    engine: Annotated[str, typer.Option(help="local: this process; ray: a Ray cluster (pip install "
+                                             "'magic-mm[ray]'; see docs/bulk.md).")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="--engine ray: auto or ray://HOST:10001 for a cluster; "
+                                                         "default: start a local Ray.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="--engine ray: model replicas (default: one per "
+                                                            "GPU, or 1 without GPUs).")] = None,
+    gpus_per_worker: Annotated[float | None, typer.Option(min=0, help="--engine ray: GPUs per replica (default: "
+                                                                      "1 where there are GPUs, else 0).")] = None,
+    cpus_per_worker: Annotated[float, typer.Option(min=0.01, help="--engine ray: CPUs (torch threads) per "
+                                                                  "replica.")] = 1.0,
 ) -> None:
     """Embed images and PDF pages under PATHS into a LanceDB index, incrementally.
 
     Unchanged files (same content hash) are skipped, changed ones replaced; a killed
-    run can simply be started again.
+    run can simply be started again.  --engine ray spreads the work over a Ray cluster
+    (docs/bulk.md); both engines build the same index.
     """
     from magic_mm.index.indexer import index_paths
     from magic_mm.index.store import ANN_ADVICE_ROWS, ANN_KINDS, ModelStamp, PageStore
 
     if ann is not None and ann not in ANN_KINDS:
         raise UserError(f"--ann {ann!r}: choose one of {', '.join(ANN_KINDS)}")
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine == "local" and (ray_address, workers, gpus_per_worker) != (None, None, None):
+        raise UserError("--ray-address, --workers and --gpus-per-worker go with --engine ray; add --engine ray")
     model = model_for(db, model)
-    embedder = load_embedder(model, compression, quiet or as_json, dtype)
-    stamp = ModelStamp.of(embedder, model)
-    store = PageStore.open_or_create(db, stamp, rebuild=rebuild)
-    note = store.stamp.dtype_note(stamp)
-    if note and not as_json:
-        err.print(note, highlight=False, soft_wrap=True)
-    summary = index_paths(embedder, store, paths, prune=prune, batch_size=batch_size, limit=limit,
-                          show_progress=not (quiet or as_json))
+    if engine == "ray":
+        summary, stamp, note, started = _index_on_ray(
+            paths, db, model, compression, dtype, prune=prune, batch_size=batch_size, limit=limit,
+            rebuild=rebuild, quiet=quiet or as_json, address=ray_address, workers=workers,
+            gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
+        store = PageStore.open(db)
+    else:
+        embedder = load_embedder(model, compression, quiet or as_json, dtype)
+        stamp = ModelStamp.of(embedder, model)
+        store = PageStore.open_or_create(db, stamp, rebuild=rebuild)
+        note = store.stamp.dtype_note(stamp)
+        if note and not as_json:
+            err.print(note, highlight=False, soft_wrap=True)
+        summary = index_paths(embedder, store, paths, prune=prune, batch_size=batch_size, limit=limit,
+                              show_progress=not (quiet or as_json))
     if ann is not None:
         with err.status(f"building {ann} index …"):
             store.build_ann(ann)
-    result = {"db": str(db), "model": model, "dtype": stamp.dtype, **summary.to_dict(), "ann": ann,
-              **({"dtype_note": note} if note else {})}
+    result = {"db": str(db), "model": model, "dtype": stamp.dtype, "engine": engine, **summary.to_dict(),
+              "ann": ann, **({"dtype_note": note} if note else {})}
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -99,6 +124,41 @@ def index(
         err.print(f"{len(summary.missing)} indexed file(s) no longer exist; pass --prune to remove them")
     if summary.rows > ANN_ADVICE_ROWS and ann is None:
         err.print(f"{summary.rows:,} rows: exact search is getting slow; add an ANN index with --ann ivf-pq")
+
+
+def _index_on_ray(paths: list[Path], db: str, model: str, compression: str | None, dtype: str, *, prune: bool,
+                  batch_size: int, limit: int | None, rebuild: bool, quiet: bool, address: str | None,
+                  workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float) -> tuple:
+    """``index --engine ray``: connect to Ray, stamp the index with the model the workers load, run the job."""
+    from magic_mm.bulk import require_ray, resolve_worker_dtype, start_ray, worker_resources
+    from magic_mm.index.ray_engine import index_paths_ray
+    from magic_mm.index.store import ModelStamp, PageStore
+
+    from rich.markup import escape
+
+    try:
+        ray = require_ray("--engine ray")  # before anything slow
+    except UserError as exc:  # main() prints errors as rich markup, which would eat the "[ray]"
+        raise type(exc)(escape(str(exc))) from None
+    started = start_ray(address, workers or 1, cpus_per_worker)
+    try:
+        resources = worker_resources(workers, gpus_per_worker, cpus_per_worker)
+        run_dtype = resolve_worker_dtype(dtype, resources)
+        # The driver loads the model once, on its CPU, in the workers' dtype: for the index's stamp
+        # (its fingerprint hashes the weights) and to fail early on a bad --model.
+        embedder = load_embedder(model, compression, quiet, run_dtype)
+        stamp = ModelStamp.of(embedder, model)
+        store = PageStore.open_or_create(db, stamp, rebuild=rebuild)
+        note = store.stamp.dtype_note(stamp)
+        if note and not quiet:
+            err.print(note, highlight=False, soft_wrap=True)
+        summary = index_paths_ray(model, store, paths, resources, run_dtype, compression=compression,
+                                  max_pixels=embedder.max_image_pixels, prune=prune, batch_size=batch_size,
+                                  limit=limit, show_progress=not quiet)
+    finally:
+        if started:
+            ray.shutdown()
+    return summary, stamp, note, started
 
 
 def search(

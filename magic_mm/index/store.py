@@ -121,14 +121,21 @@ def _schema(dim: int, stamp: ModelStamp) -> pa.Schema:
     ], metadata={STAMP_KEY: json.dumps(asdict(stamp)).encode()})
 
 
+def db_location(db: str | Path) -> str | Path:
+    """``--db`` as LanceDB takes it: an object-store URI (``s3://bucket/magic.lance``, ``gs://…``,
+    ``az://…``) stays a string; anything else is a local folder."""
+    text = str(db)
+    return text if "://" in text else Path(db)
+
+
 def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
 class PageStore:
-    """The ``pages`` table of one LanceDB database folder (``--db``)."""
+    """The ``pages`` table of one LanceDB database (``--db``: a folder, or an object-store URI)."""
 
-    def __init__(self, db_path: Path, table: Any) -> None:
+    def __init__(self, db_path: str | Path, table: Any) -> None:
         self.db_path = db_path
         self.table = table
 
@@ -137,8 +144,8 @@ class PageStore:
         """Open an existing index, or raise a ``UserError`` saying how to make one."""
         import lancedb
 
-        path = Path(db_path)
-        if not path.is_dir():
+        path = db_location(db_path)
+        if isinstance(path, Path) and not path.is_dir():
             raise IndexDbError(f"--db {db_path}: no index there; build one with `magic-mm index PATH… --db {db_path}`")
         db = lancedb.connect(str(path))
         if TABLE not in db.list_tables().tables:
@@ -155,8 +162,8 @@ class PageStore:
         """
         import lancedb
 
-        path = Path(db_path)
-        if path.exists() and not path.is_dir():
+        path = db_location(db_path)
+        if isinstance(path, Path) and path.exists() and not path.is_dir():
             raise IndexDbError(f"--db {db_path}: is a file; pass a folder name such as ./magic.lance")
         db = lancedb.connect(str(path))
         if rebuild and TABLE in db.list_tables().tables:
