@@ -183,7 +183,9 @@ def test_multi_gpu_recipe_configs_load():
     from accelerate.commands.config.config_args import ClusterConfig
 
     stages = {path.stem: load_config(path) for path in sorted((ROOT / "configs" / "internvl3").glob("*.yaml"))}
-    assert set(stages) == {"stage1", "stage2", "stage3", "reranker"}
+    assert set(stages) == {"stage1", "stage2", "stage3", "reranker", "stage2-mmeb"}
+    mmeb = stages["stage2-mmeb"]  # the paper's setting: MMEB-train's 20 sub-datasets, each with its instructions
+    assert len(mmeb.datasets) == 20 and all(d.query_instruction for d in mmeb.datasets)
     assert all(c.lora.rank == 16 and c.gradient_checkpointing for c in stages.values())
     assert stages["stage2"].temperature == 0.03 and stages["stage2"].hard_negatives.window == (50, 100)
     kinds = {path.name: str(ClusterConfig.from_yaml_file(path).distributed_type).split(".")[-1]

@@ -75,10 +75,11 @@ def trainer(config: TrainConfig):  # noqa: ANN201
 
 def contrastive_loss(t) -> float:  # noqa: ANN001
     """InfoNCE of every toy caption against every toy image (fixed, for before/after)."""
+    pool = t.data.pool(0)  # the toy folder as a one-sub-dataset mixture: captions → their images
     with torch.no_grad():
-        q = t.embed(t.pairs.captions, "query")
-        c = t.embed([t.candidate_item(i) for i in range(len(t.pairs.images))], "candidate")
-    return float(info_nce(q, c, torch.tensor(t.pairs.owner), 0.1))
+        q = t.embed([t.side_input(x) for x in pool.queries], "query")
+        c = t.embed([t.side_input(x) for x in pool.candidates], "candidate")
+    return float(info_nce(q, c, torch.tensor(pool.owner), 0.1))
 
 
 # -- losses and mining ------------------------------------------------------------------
@@ -254,9 +255,14 @@ def test_stage2_loss_goes_down_and_mines_hard_negatives(toy_data, toy_grids, tmp
     folder = t.run()
     after = contrastive_loss(t)
     assert after < before - 0.2, (before, after)
-    negatives = json.loads((tmp_path / "s2" / "hard_negatives.json").read_text())
-    for q, negs in negatives.items():
-        assert t.pairs.owner[int(q)] not in negs and len(negs) == 2
+    from magic_mm.train.stage2 import negatives_from_json
+
+    negatives = negatives_from_json(json.loads((tmp_path / "s2" / "hard_negatives.json").read_text()))
+    assert list(negatives) == [toy_data.name]  # the caption folder is a sub-dataset named after the folder
+    rows = {row.index: row for row in t.data.readers[0]}
+    assert sorted(negatives[toy_data.name]) == sorted(rows)  # every caption mined
+    for r, negs in negatives[toy_data.name].items():
+        assert rows[r].positive not in negs and len(negs) == 2 and all(n.image is not None for n in negs)
     assert (tmp_path / "s2" / "model-in-batch" / "weights.safetensors").is_file()
     log = [json.loads(line) for line in (tmp_path / "s2" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 13)) and all("lr" in r for r in log)
@@ -276,7 +282,8 @@ def test_stage1_loss_goes_down(toy_data, toy_grids, tmp_path):
 
     def loss() -> float:
         with torch.no_grad():
-            batch = build_batch(t.embedder, [t.example(i) for i in range(len(t.examples))])
+            examples = [t.example(d, row) for d, reader in enumerate(t.data.readers) for row in reader]
+            batch = build_batch(t.embedder, examples)
             full = float(answer_token_loss(logits(t.embedder, batch), batch.labels))
             # the trainers' loss runs the LM head only where answer tokens are predicted
             assert float(answer_loss(t.embedder, batch)) == pytest.approx(full, rel=1e-5)
@@ -285,7 +292,10 @@ def test_stage1_loss_goes_down(toy_data, toy_grids, tmp_path):
     before = loss()
     t.run()
     assert loss() < before - 0.1
-    assert t.examples[-1] == (None, "Say hi.", "hi")
+    # the text instructions are a second, text-kind sub-dataset, weighted by its size (1 vs 16 captions)
+    assert t.data.names == [toy_data.name, "text-instructions"] and t.kinds == ["caption", "text"]
+    assert [s.weight for s in t.data.specs] == [16.0, 1.0]
+    assert t.parts(1, t.data.readers[1].rows([0])[0]) == (None, "Say hi.", "hi")
 
 
 def test_stage3_judges_and_trains_and_reranker_learns(toy_data, toy_grids, tmp_path):
@@ -298,15 +308,17 @@ def test_stage3_judges_and_trains_and_reranker_learns(toy_data, toy_grids, tmp_p
         "instructions": {"colours": {"query": "Find the colour.", "candidate": "Represent the colour."}},
         "judge": {"kind": "self", "model": str(judge_folder)}}, hard_negatives={"queries_per_group": 1})
     t = trainer(config)
-    assert t.instructions() == ("Find the colour.", "Represent the colour.")
+    assert t.instructions() == ("Find the colour.", "Represent the colour.")  # the table, under the task's name
     t.run()
-    judged = json.loads((tmp_path / "s3" / "judgements.json").read_text())
+    judged = json.loads((tmp_path / "s3" / "judgements.json").read_text())[toy_data.name]
     assert len(judged) == 8  # one caption per image
+    rows = {row.index: row for row in t.data.readers[0]}
     for q, j in judged.items():
-        owner = t.pairs.owner[int(q)]
+        owner = {"text": None, "image": str(rows[int(q)].positive.image)}
         assert j["positive"] == [owner]  # the ground truth stays the only InfoNCE positive
         assert owner not in j["negatives"] and owner not in j["judged_relevant"]
-        assert not set(j["negatives"]) & set(j["judged_relevant"]) and len(j["negatives"]) <= 2
+        names = lambda items: {i["image"] for i in items}  # noqa: E731
+        assert not names(j["negatives"]) & names(j["judged_relevant"]) and len(j["negatives"]) <= 2
     cache_lines = (tmp_path / "s3" / "judge_cache.jsonl").read_text().splitlines()
     assert len(cache_lines) == 8 * 3
 
@@ -314,7 +326,7 @@ def test_stage3_judges_and_trains_and_reranker_learns(toy_data, toy_grids, tmp_p
                     reranker={"candidates_from": str(tmp_path / "s3"), "negatives": [2, 3]})
     rt = trainer(rr)
     rt.prepare_run()
-    assert rt.queries == sorted(int(q) for q in judged)
+    assert rt.rows == [sorted(int(q) for q in judged)]
     rt.run()
     log = [json.loads(line) for line in (tmp_path / "rr" / "train_log.jsonl").read_text().splitlines()]
     assert np.mean([r["loss"] for r in log[-3:]]) < np.mean([r["loss"] for r in log[:3]])
@@ -327,18 +339,18 @@ def test_stage3_judges_and_trains_and_reranker_learns(toy_data, toy_grids, tmp_p
         "retrieve_top": 3, "max_queries": 3, "judge": {"kind": "self", "model": str(judge_folder), "calibrate": 4}},
         hard_negatives={"queries_per_group": 1})
     trainer(sampled).run()
-    picked = json.loads((tmp_path / "s3-sample" / "judgements.json").read_text())
+    picked = json.loads((tmp_path / "s3-sample" / "judgements.json").read_text())[toy_data.name]
     assert len(picked) == 3 and set(picked) <= set(judged)  # a sample of the one-caption-per-image queries
     calibration = json.loads((tmp_path / "s3-sample" / "judge_calibration.json").read_text())
     assert calibration["pairs"] == 3 and 0.5 <= calibration["accuracy"] <= 1.0  # capped at the 3 sampled queries
     cached = [json.loads(line) for line in (tmp_path / "s3-sample" / "judge_cache.jsonl").read_text().splitlines()]
     margins = {(r["question"], r["candidate"]): r["yes"] - r["no"] for r in cached}
     for q, j in picked.items():  # judged relevant iff the margin clears the calibrated cut
-        question = sampled.stage3.judge.question.format(query=t.pairs.captions[int(q)])
+        question = sampled.stage3.judge.question.format(query=rows[int(q)].query.text)
         for c in j["judged_relevant"]:
-            assert margins[(question, str(t.pairs.images[c]))] > calibration["threshold"]
+            assert margins[(question, c["image"])] > calibration["threshold"]
         for c in j["negatives"]:
-            assert margins[(question, str(t.pairs.images[c]))] <= calibration["threshold"]
+            assert margins[(question, c["image"])] <= calibration["threshold"]
 
 
 def test_reranker_folder_errors(tmp_path):

@@ -133,7 +133,9 @@ class SubDatasetReader:
     """Streams one sub-dataset's rows; see the module docstring."""
 
     def __init__(self, spec: SubDataset, block_rows: int = DEFAULT_BLOCK_ROWS, base: str | Path | None = None,
-                 check_images: bool = True) -> None:
+                 check_images: bool = True, records: list[dict[str, Any]] | None = None) -> None:
+        """``records``: the rows themselves, given inline (small in-memory sub-datasets); ``file`` is then
+        only a label."""
         self.spec = spec
         self.check_images = check_images
         self.name = spec.label
@@ -142,16 +144,18 @@ class SubDatasetReader:
             path = Path(base) / path
         self.path = path
         self.block_rows = block_rows
-        self.format = spec.format or self._guess_format()
+        self.format = "mmeb" if records is not None else spec.format or self._guess_format()
         default_root = path / "images" if self.format == "captions" else path.parent
         root = Path(spec.image_root) if spec.image_root else default_root
         if base is not None and spec.image_root and not root.is_absolute():
             root = Path(base) / root
         self.image_root = root
         self._cache: OrderedDict[int, list[TrainRow]] = OrderedDict()
-        self._memory: list[dict[str, Any]] | None = None  # CSV forms: small, read whole
+        self._memory: list[dict[str, Any]] | None = records  # CSV forms: small, read whole
         self._parquet = None
-        if self.format == "captions":
+        if records is not None:
+            pass
+        elif self.format == "captions":
             self._memory = self._read_captions()
         elif self.format == "labels":
             self._memory = self._read_labels()

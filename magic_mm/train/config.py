@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
+from magic_mm.data.train_layout import DEFAULT_BLOCK_ROWS, SubDataset, TrainDataError
 from magic_mm.errors import UserError
 from magic_mm.model.config import LoraSettings
 
@@ -22,11 +23,17 @@ class ConfigError(UserError):
     """A training config that cannot be read or has a bad value."""
 
 
+DEFAULT_DATA_FOLDER = "../shared/data/flickr8k-1k"
+
+
 @dataclass
 class DataConfig:
-    folder: str = "../shared/data/flickr8k-1k"  # images/ + captions.csv (+ splits.csv)
+    """One image-caption folder (read as a one-sub-dataset mixture when ``datasets`` is empty)."""
+
+    folder: str = DEFAULT_DATA_FOLDER  # images/ + captions.csv (+ splits.csv)
     split: str = "train"
     limit_images: int | None = None  # keep only the first N images (toy runs, tests)
+    block_rows: int = DEFAULT_BLOCK_ROWS  # rows per streamed block (also for ``datasets``)
 
 
 @dataclass
@@ -108,6 +115,8 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    # a mixture of sub-datasets (see magic_mm/data/train_layout.py, docs/data.md); empty = `data`
+    datasets: list[SubDataset] = field(default_factory=list)
     hard_negatives: HardNegativeConfig = field(default_factory=HardNegativeConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage3: Stage3Config = field(default_factory=Stage3Config)
@@ -156,6 +165,20 @@ class TrainConfig:
             raise ConfigError("stage3.judge.calibrate must be >= 0 (0 = the paper's rule)")
         if self.stage3.judge.kind not in ("self", "hf", "openai"):
             raise ConfigError(f"stage3.judge.kind {self.stage3.judge.kind!r}: use self, hf or openai")
+        if self.data.block_rows < 1:
+            raise ConfigError(f"data.block_rows must be >= 1, got {self.data.block_rows}")
+        if self.datasets and self.data.folder != DEFAULT_DATA_FOLDER:
+            raise ConfigError("give either data.folder (one caption folder) or datasets (a mixture), not both")
+        names = [spec.label for spec in self.datasets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"datasets: names {names} repeat; give each sub-dataset its own 'name'")
+        for n, spec in enumerate(self.datasets):
+            try:
+                spec.validate(f"datasets[{n}] ({spec.label})")
+            except TrainDataError as exc:
+                raise ConfigError(str(exc)) from None
+        if self.datasets and not any(spec.weight > 0 for spec in self.datasets):
+            raise ConfigError("datasets: every weight is 0; give at least one sub-dataset a positive weight")
 
 
 T = TypeVar("T")
@@ -173,8 +196,13 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         hint = hints[key]
+        item = (getattr(hint, "__args__", None) or [None])[0]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value or {}, f"{where}.{key}")
+        elif getattr(hint, "__origin__", None) is list and dataclasses.is_dataclass(item):
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}.{key}: expected a list of mappings, got {type(value).__name__}")
+            kwargs[key] = [from_dict(item, v, f"{where}.{key}[{n}]") for n, v in enumerate(value)]
         elif getattr(hint, "__origin__", None) is tuple and isinstance(value, list):
             kwargs[key] = tuple(value)
         else:

@@ -126,9 +126,9 @@ class Trainer:
     def build_model(self) -> MagicEmbedder:
         raise NotImplementedError
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> dict[str, Any]:
         """Forward + ``backward`` for global step ``step``; returns at least ``{"loss": …}``, the
-        global batch's loss (the same on every rank)."""
+        global batch's loss (the same on every rank), and ``"dataset"``: its sub-dataset's name."""
         raise NotImplementedError
 
     def backward(self, contribution: torch.Tensor) -> None:
@@ -360,7 +360,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 if main and (self.step % self.config.log_every == 0 or self.step == total):
-                    record = {"step": self.step, **{k: round(v, 6) for k, v in metrics.items()},
+                    record = {"step": self.step,  # a str metric, e.g. the batch's sub-dataset, as it is
+                              **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()},
                               "lr": lrs[-1], "lr_groups": lrs, "seconds": round(time.time() - started, 3)}
                     log.write(json.dumps(record) + "\n")
                     log.flush()

@@ -2,6 +2,9 @@
 
 Queries are captions, candidates are images; a query's *group* is its image, so
 the other captions of the same image are never used as each other's negatives.
+
+Used by the dual-encoder baseline (``benchmarks/dual_encoder.py``).  The trainers read
+every kind of data, a caption folder included, through ``train/mixture.py``.
 """
 
 from __future__ import annotations

@@ -5,81 +5,105 @@ Each query contributes two pointwise examples, (query, positive) → "Yes" and
 listwise example: the positive among 2–5 negatives at a random slot, where the
 model must write the positive's number.  The two losses are summed (weighted).
 
+Batches come from the mixture like every stage's (one sub-dataset per batch).
 Positives are the ground truth plus, when ``reranker.candidates_from`` names a
 stage-3 run, the items its judge found relevant; negatives are that run's judged
-negatives, or random items of other groups otherwise.
+negatives, topped up with the positives of other rows of the query's own block of
+its sub-dataset (random, never the query's positive or a judged-relevant item).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from magic_mm.data.mmeb import Item
+from magic_mm.data.train_layout import TrainRow
 from magic_mm.errors import UserError
 from magic_mm.model.embedder import MagicEmbedder
 from magic_mm.model.generative import IGNORE, answer_loss, build_batch
 from magic_mm.model.inputs import PreparedInput
 from magic_mm.model.reranker import MagicReranker
 from magic_mm.train import distributed
-from magic_mm.train.loop import FINAL_MODEL, Trainer, batch_indices
-from magic_mm.train.pairs import CaptionPairs
+from magic_mm.train.loop import FINAL_MODEL, Trainer
+from magic_mm.train.mixture import TrainData, item_from_json
 from magic_mm.train.stage3 import JUDGEMENTS_FILE
+
+Judged = dict[str, dict[int, dict[str, list[Item]]]]  # sub-dataset → row → positive / judged_relevant / negatives
 
 
 class RerankerTrainer(Trainer):
     def build_model(self) -> MagicEmbedder:
-        self.pairs = CaptionPairs.load(self.config.data)
-        self.judged: dict[int, dict[str, list[int]]] = {}
+        self.data = TrainData.from_config(self.config)
+        self.judged: Judged = {}
         source = self.config.reranker.candidates_from
         if source:
             path = Path(source) / JUDGEMENTS_FILE if Path(source).is_dir() else Path(source)
             if not path.is_file():
                 raise UserError(f"reranker.candidates_from {source!r}: no {JUDGEMENTS_FILE}; run stage 3 first")
-            self.judged = {int(k): v for k, v in json.loads(path.read_text()).items()}
-        self.queries = sorted(self.judged) if self.judged else list(range(len(self.pairs.captions)))
+            raw = json.loads(path.read_text())
+            unknown = sorted(set(raw) - set(self.data.names))
+            if unknown:
+                raise UserError(f"{path}: judged sub-dataset(s) {', '.join(unknown)} are not in this config's "
+                                f"data ({', '.join(self.data.names)}); train the reranker on the stage-3 run's data")
+            self.judged = {name: {int(r): {k: [item_from_json(i) for i in v] for k, v in j.items()}
+                                  for r, j in rows.items()} for name, rows in raw.items()}
+        # with judgements: only the judged rows of each sub-dataset; otherwise every row
+        self.rows = [sorted(self.judged.get(name, {})) for name in self.data.names] if self.judged else None
         return self.load_embedder()
 
     def prepare_run(self) -> None:
-        self.vision = self.build_vision_cache(self.pairs.images)
+        self.vision = self.build_vision_cache(self.data.image_paths() if self.config.cache_vision else [])
 
-    def candidate(self, index: int) -> PreparedInput:
-        path = self.pairs.images[index]
-        if self.config.cache_vision:
-            return self.vision.item(path)
-        return self.embedder.prepare([path])[0]
+    def candidate(self, item: Item) -> PreparedInput:
+        if item.image is not None and self.config.cache_vision:
+            return self.vision.item(item.image, item.text)
+        return self.embedder.prepare([self.side(item)])[0]
 
-    def negatives(self, q: int, rng: np.random.Generator, count: int) -> list[int]:
-        owner = self.pairs.owner[q]
-        judged = self.judged.get(q, {})
-        pool = [n for n in judged.get("negatives", []) if n != owner]
-        if len(pool) < count:  # top up with random items of other groups
-            others = [i for i in range(len(self.pairs.images)) if i != owner and i not in pool
-                      and i not in judged.get("judged_relevant", [])]
-            pool += [int(i) for i in rng.choice(others, size=min(count - len(pool), len(others)), replace=False)]
-        return [int(i) for i in rng.permutation(pool)[:count]]
+    def side(self, item: Item) -> Any:
+        if item.image is None:
+            return item.text
+        return (item.image, item.text) if item.text else item.image
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def negatives(self, d: int, row: TrainRow, rng: np.random.Generator, count: int) -> list[Item]:
+        judged = self.judged.get(self.data.names[d], {}).get(row.index, {})
+        relevant = set(judged.get("judged_relevant", []))
+        pool = [n for n in dict.fromkeys(judged.get("negatives", [])) if n != row.positive]
+        if len(pool) < count:  # top up with the positives of other rows of the row's block
+            reader = self.data.readers[d]
+            block = reader.block(reader.block_of(row.index))
+            others = list(dict.fromkeys(r.positive for r in block if r.positive != row.positive
+                                        and r.positive not in relevant and r.positive not in pool))
+            take = min(count - len(pool), len(others))
+            pool += [others[i] for i in rng.choice(len(others), size=take, replace=False)] if take else []
+        return [pool[i] for i in rng.permutation(len(pool))[:count]]
+
+    def train_step(self, step: int) -> dict[str, Any]:
         cfg = self.config
-        picks = batch_indices(len(self.queries), cfg.batch_size, step, cfg.seed)
-        picks = distributed.shard(picks)  # this rank's share of the global batch
+        d, rows = self.data.batch(step, rows=self.rows)
+        mine = distributed.shard(rows)  # this rank's share of the global batch
         reranker = MagicReranker(self.embedder)
         pointwise, labels, listwise = [], [], []
-        for p in picks:
-            q = self.queries[p]
-            rng = np.random.default_rng([cfg.seed, step, q])
-            query = self.embedder.prepare([self.pairs.captions[q]])[0]
-            positives = [self.pairs.owner[q], *self.judged.get(q, {}).get("judged_relevant", [])]
+        for row in mine:
+            rng = np.random.default_rng([cfg.seed, step, d, row.index])
+            query = self.embedder.prepare([self.side(row.query)])[0] if row.query.image is None or not cfg.cache_vision \
+                else self.vision.item(row.query.image, row.query.text)
+            positives = [row.positive, *self.judged.get(self.data.names[d], {}).get(row.index, {}).get("judged_relevant", [])]
             lo, hi = cfg.reranker.negatives
-            negs = self.negatives(q, rng, int(rng.integers(lo, hi + 1)))
-            pointwise += [reranker.pointwise_example(query, self.candidate(int(rng.choice(positives))), True),
+            negs = self.negatives(d, row, rng, int(rng.integers(lo, hi + 1)))
+            if not negs:
+                raise UserError(f"sub-dataset {self.data.names[d]!r}: row {row.index} has no other positive to use "
+                                "as a negative; the reranker needs sub-datasets with at least two distinct positives")
+            pointwise += [reranker.pointwise_example(query, self.candidate(positives[int(rng.integers(len(positives)))]), True),
                           reranker.pointwise_example(query, self.candidate(negs[0]), False)]
             labels += [0, 1]  # index into (yes, no)
             slot = int(rng.integers(0, len(negs) + 1))
-            order = negs[:slot] + [self.pairs.owner[q]] + negs[slot:]
+            order = negs[:slot] + [row.positive] + negs[slot:]
             listwise.append(reranker.listwise_example(query, [self.candidate(i) for i in order], slot))
         point_loss, list_loss, tokens = self._losses(reranker, pointwise, labels, listwise)
         # each loss is a mean over the global batch: pointwise over its examples, listwise over answer tokens
@@ -87,7 +111,8 @@ class RerankerTrainer(Trainer):
         list_share, list_value = self.share_of_mean(list_loss, tokens)
         w_point, w_list = cfg.reranker.pointwise_weight, cfg.reranker.listwise_weight
         self.backward(w_point * point_share + w_list * list_share)
-        return {"loss": w_point * point_value + w_list * list_value, "pointwise": point_value, "listwise": list_value}
+        return {"loss": w_point * point_value + w_list * list_value, "pointwise": point_value, "listwise": list_value,
+                "dataset": self.data.names[d]}
 
     def _losses(self, reranker: MagicReranker, pointwise, labels, listwise) -> tuple[torch.Tensor, torch.Tensor, int]:  # noqa: ANN001
         yes_no = self.model(lambda _m, ex: reranker.yes_no(ex), pointwise)
