@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -93,7 +95,7 @@ def index(
         raise UserError("--ray-address, --workers and --gpus-per-worker go with --engine ray; add --engine ray")
     model = model_for(db, model)
     if engine == "ray":
-        summary, stamp, note, started = _index_on_ray(
+        summary, stamp, note = _index_on_ray(
             paths, db, model, compression, dtype, prune=prune, batch_size=batch_size, limit=limit,
             rebuild=rebuild, quiet=quiet or as_json, address=ray_address, workers=workers,
             gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
@@ -130,16 +132,29 @@ def _index_on_ray(paths: list[Path], db: str, model: str, compression: str | Non
                   batch_size: int, limit: int | None, rebuild: bool, quiet: bool, address: str | None,
                   workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float) -> tuple:
     """``index --engine ray``: connect to Ray, stamp the index with the model the workers load, run the job."""
-    from magic_mm.bulk import require_ray, resolve_worker_dtype, start_ray, worker_resources
-    from magic_mm.index.ray_engine import index_paths_ray
-    from magic_mm.index.store import ModelStamp, PageStore
-
     from rich.markup import escape
+
+    from magic_mm.bulk import require_ray
 
     try:
         ray = require_ray("--engine ray")  # before anything slow
     except UserError as exc:  # main() prints errors as rich markup, which would eat the "[ray]"
         raise type(exc)(escape(str(exc))) from None
+    # Ray's own notices (a worker that died and is being replaced, say) are printed on stdout; they
+    # go to stderr here, so that stdout holds only the summary (--json).
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run_on_ray(ray, paths, db, model, compression, dtype, prune=prune, batch_size=batch_size,
+                           limit=limit, rebuild=rebuild, quiet=quiet, address=address, workers=workers,
+                           gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
+
+
+def _run_on_ray(ray: Any, paths: list[Path], db: str, model: str, compression: str | None, dtype: str, *,
+                prune: bool, batch_size: int, limit: int | None, rebuild: bool, quiet: bool, address: str | None,
+                workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float) -> tuple:
+    from magic_mm.bulk import resolve_worker_dtype, start_ray, worker_resources
+    from magic_mm.index.ray_engine import index_paths_ray
+    from magic_mm.index.store import ModelStamp, PageStore
+
     started = start_ray(address, workers or 1, cpus_per_worker)
     try:
         resources = worker_resources(workers, gpus_per_worker, cpus_per_worker)
@@ -158,7 +173,7 @@ def _index_on_ray(paths: list[Path], db: str, model: str, compression: str | Non
     finally:
         if started:
             ray.shutdown()
-    return summary, stamp, note, started
+    return summary, stamp, note
 
 
 def search(

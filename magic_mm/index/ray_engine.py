@@ -37,10 +37,11 @@ from magic_mm.progress import progress
 PAGE, SKIPPED, FAILED = "page", "skipped", "failed"
 # Documents per read task: small enough that PDFs spread over tasks, large enough to amortise a task.
 READ_BATCH = 8
-# What a read task reserves for the pages it renders (8 PDF pages at 1024 px are about 20 MB).  Also
+# What a read task reserves: its process (Python, PIL, pypdfium2 and the torch that magic_mm's
+# modules import: about 250 MB) and the pages it renders (8 PDF pages at 1024 px: about 20 MB).  Also
 # keeps Ray Data from fusing the reads into the embedding actors: operators with different
 # resources stay separate, so decoding runs in its own tasks, not serially on the GPU workers.
-READ_TASK_MEMORY = 256 * 2**20
+READ_TASK_MEMORY = 512 * 2**20
 _PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)  # the "image" of a row that is not a page
 
 
