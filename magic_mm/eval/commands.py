@@ -1,4 +1,8 @@
-"""CLI commands of the evaluation layer: ``eval``, ``convert captions|labels`` and ``bench``.
+"""CLI commands of the evaluation layer: ``eval``, ``convert …`` and ``bench``.
+
+``convert captions|labels|caption-labels`` write MMEB *evaluation* tasks; ``convert
+train-captions|train-labels|train-pdf|train-vqa`` write *training* sub-datasets (MMEB-train
+layout) and ``convert imagenet-labels`` writes pseudo-labels for ``train-labels``.
 
 Registered on the main app by ``register(app)`` (one line in ``magic_mm/cli.py``).
 """
@@ -23,7 +27,9 @@ err = Console(stderr=True)
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'magic-mm-tiny', a saved folder, or an InternVL folder.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
-convert_app = typer.Typer(no_args_is_help=True, help="Turn datasets into MMEB-layout task files.")
+convert_app = typer.Typer(no_args_is_help=True, help=(
+    "Turn datasets into MMEB-layout files: evaluation tasks (captions, labels, caption-labels) and "
+    "training sub-datasets (train-captions, train-labels, train-pdf, train-vqa; see docs/converters.md)."))
 
 
 def eval_command(
@@ -116,6 +122,158 @@ def convert_labels(
     _report(_write_converted(label_task(csv_path, image_root), out_path), as_json)
 
 
+@convert_app.command("caption-labels")
+def convert_caption_labels(
+    data: Annotated[Path, typer.Argument(help="Image–caption folder (images/, captions.csv, splits.csv).")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output .jsonl or .parquet classification task.")],
+    split: Annotated[str | None, typer.Option(help="Split to label (from splits.csv).")] = "test",
+    min_agree: Annotated[int, typer.Option(help="Captions that must mention a label's keyword.")] = 3,
+    min_photos: Annotated[int, typer.Option(help="Drop labels with fewer photos than this.")] = 5,
+    labels_csv: Annotated[Path | None, typer.Option("--labels-csv", help="Also write the image,label CSV here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Object labels agreed on by a photo's captions → a classification task (labels: dog, child, man, ...)."""
+    import tempfile
+
+    from magic_mm.data.convert import label_task
+    from magic_mm.data.labels_from_captions import labels_from_captions, write_label_csv
+
+    result = labels_from_captions(data, split, min_agree, min_photos)
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = write_label_csv(result, labels_csv if labels_csv is not None else Path(tmp) / "labels.csv")
+        summary = _write_converted(label_task(csv_path, Path(data) / "images"), out_path)
+    summary.update({"photos_per_label": result.counts, "majority_baseline": result.majority_baseline,
+                    "dropped_ambiguous": result.ambiguous, "dropped_unlabelled": result.unlabelled,
+                    "dropped_rare_labels": result.rare})
+    if labels_csv is not None:
+        summary["labels_csv"] = str(labels_csv)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    _report(summary, False)
+    counts = ", ".join(f"{label} {n}" for label, n in result.counts.items())
+    rare = ", ".join(f"{label} {n}" for label, n in result.rare.items()) or "none"
+    out.print(f"photos per label: {counts}; majority baseline {100 * result.majority_baseline:.1f}% "
+              f"(always '{next(iter(result.counts))}'); dropped {result.ambiguous} ambiguous, "
+              f"{result.unlabelled} unlabelled, rare labels: {rare}", highlight=False)
+
+
+# -- training sub-datasets (MMEB-train layout) ------------------------------------------------------
+
+TrainOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output .jsonl or .parquet sub-dataset (MMEB-train layout).")]
+NameOpt = Annotated[str | None, typer.Option("--name", help="Sub-dataset name in the suggested mixture entry (default: the file's stem).")]
+ImageRootOpt = Annotated[Path | None, typer.Option("--image-root", help="Folder the CSV's image paths are relative to (default: the CSV's).")]
+
+
+def _report_train(train_set: Any, out_path: Path, name: str | None, as_json: bool) -> None:
+    """Write a converted training set and print what was written and its mixture entry."""
+    from magic_mm.data.train_convert import mixture_entry
+    from magic_mm.data.train_layout import write_rows
+
+    write_rows(train_set.rows, out_path)
+    entry = mixture_entry(name or out_path.stem, out_path, train_set)
+    negatives = sum(1 for row in train_set.rows if row["neg_text"] or row["neg_image_path"])
+    summary = {"out": str(out_path), "rows": len(train_set.rows), "rows_with_negative": negatives,
+               "kind": train_set.kind, **train_set.notes, "mixture_entry": entry}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    out.print(f"wrote {summary['rows']} {train_set.kind} training pairs ({negatives} with a hard negative) to "
+              f"{out_path}; image paths are relative to {train_set.image_root}", highlight=False)
+    out.print("add it to a mixture's datasets: as\n  - " + json.dumps(entry, ensure_ascii=False), highlight=False, soft_wrap=True)
+
+
+@convert_app.command("train-captions")
+def convert_train_captions(
+    data: Annotated[Path, typer.Argument(help="Image–caption folder (images/, captions.csv, optional splits.csv).")],
+    out_path: TrainOutOpt,
+    direction: Annotated[str, typer.Option(help="t2i (caption → image), i2t (image → caption) or t2t (caption → another caption of the photo).")] = "t2i",
+    split: Annotated[str | None, typer.Option(help="Split to convert (from splits.csv); default: all images.")] = None,
+    name: NameOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Image–caption folder → training pairs, one per caption."""
+    from magic_mm.data.train_convert import caption_pairs
+
+    _report_train(caption_pairs(data, direction, split), out_path, name, as_json)
+
+
+@convert_app.command("train-labels")
+def convert_train_labels(
+    csv_path: Annotated[Path, typer.Argument(help="CSV with columns image,label (optional score, ignored).")],
+    out_path: TrainOutOpt,
+    image_root: ImageRootOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed for drawing each row's negative label.")] = 0,
+    name: NameOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Image–label CSV → classification pairs: image vs. its label text, another label as the negative."""
+    from magic_mm.data.train_convert import label_pairs
+
+    _report_train(label_pairs(csv_path, image_root, seed), out_path, name, as_json)
+
+
+@convert_app.command("train-pdf")
+def convert_train_pdf(
+    csv_path: Annotated[Path, typer.Argument(help="CSV with columns pdf,page,query (page numbered from 1).")],
+    out_path: TrainOutOpt,
+    pdf_root: Annotated[Path | None, typer.Option("--pdf-root", help="Folder the CSV's PDF paths are relative to (default: the CSV's).")] = None,
+    pages_dir: Annotated[Path | None, typer.Option("--pages-dir", help="Where the rendered pages go; the sub-dataset's image root (default: <out>-pages/).")] = None,
+    name: NameOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """PDF pages with queries → document retrieval pairs (each page rendered once to PNG)."""
+    from magic_mm.data.train_convert import pdf_pairs
+
+    pages = pages_dir if pages_dir is not None else out_path.with_name(out_path.stem + "-pages")
+    _report_train(pdf_pairs(csv_path, pdf_root, pages), out_path, name, as_json)
+
+
+@convert_app.command("train-vqa")
+def convert_train_vqa(
+    csv_path: Annotated[Path, typer.Argument(help="CSV with columns image,question,answer.")],
+    out_path: TrainOutOpt,
+    image_root: ImageRootOpt = None,
+    name: NameOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Image + question + answer CSV → VQA pairs: image and question vs. the answer."""
+    from magic_mm.data.train_convert import vqa_pairs
+
+    _report_train(vqa_pairs(csv_path, image_root), out_path, name, as_json)
+
+
+@convert_app.command("imagenet-labels")
+def convert_imagenet_labels(
+    data: Annotated[Path, typer.Argument(help="Image–caption folder (use --split) or a folder of images.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output image,label,score CSV (for train-labels).")],
+    split: Annotated[str | None, typer.Option(help="Split to label, for an image–caption folder.")] = None,
+    min_probability: Annotated[float, typer.Option(min=0.0, max=1.0, help="Keep images whose top-1 probability reaches this.")] = 0.3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pseudo-labels from EfficientNet-Lite0's ImageNet head → an image,label,score CSV for train-labels."""
+    import csv
+    from collections import Counter
+
+    from magic_mm.data.pseudo_labels import image_names, pseudo_labels
+
+    names, root = image_names(data, split)
+    labels = pseudo_labels(names, root, min_probability)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["image", "label", "score"])
+        writer.writerows((p.image, p.label, f"{p.probability:.4f}") for p in labels)
+    counts = Counter(p.label for p in labels)
+    summary = {"out": str(out_path), "image_root": str(root), "images": len(names), "labelled": len(labels),
+               "labels": len(counts), "most_common": counts.most_common(10)}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    top = ", ".join(f"{label} {n}" for label, n in summary["most_common"])
+    out.print(f"labelled {len(labels)} of {len(names)} images (top-1 probability >= {min_probability}) with "
+              f"{len(counts)} ImageNet classes; wrote {out_path} (images under {root}); most common: {top}",
+              highlight=False)
 
 
 def bench_command(
