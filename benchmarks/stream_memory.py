@@ -110,7 +110,7 @@ def main() -> None:
         print(json.dumps(results, indent=1))
         return
     print(f"{args.steps} batches of {args.batch_size} (a 1:3 mixture over the file), then one full pass; "
-          "each row in a fresh process")
+          "each file in a fresh process")
     print(f"{'format':8} {'rows':>10} {'file MB':>8} {'open s':>7} {'RSS at start':>13} {'peak RSS MB':>12} "
           f"{'batch rows/s':>13} {'pass rows/s':>12}")
     for r in results:
