@@ -333,7 +333,20 @@ def test_stage3_judges_and_trains_and_reranker_learns(toy_data, toy_grids, tmp_p
     reranker = MagicReranker.from_pretrained(tmp_path / "rr" / "model")
     hits = reranker.rerank("a red square", [toy_data / "images" / f"{c}.jpg" for c in COLOURS], top_k=3)
     assert sorted(h.index for h in hits) == [0, 1, 2]
-    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    # Each score recomputed from a full-sequence forward: logit("Yes") - logit("No") at the prompt's end,
+    # one candidate at a time; the hits come in that order (a shuffled or inverted reranker fails).
+    from magic_mm.model.generative import build_batch, logits
+
+    query = reranker.model.prepare(["a red square"])[0]
+    yes, no = (reranker.model.backbone.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    alone = []
+    with torch.no_grad():
+        for c in reranker.model.prepare([toy_data / "images" / f"{c}.jpg" for c in list(COLOURS)[:3]]):
+            batch = build_batch(reranker.model, [reranker.pointwise_example(query, c)])
+            row = logits(reranker.model, batch)[0, int(batch.prompt_end[0])]
+            alone.append(float(row[yes] - row[no]))
+    assert [h.index for h in hits] == sorted(range(3), key=lambda i: -alone[i])
+    assert [h.score for h in hits] == pytest.approx([alone[h.index] for h in hits], abs=1e-4)
 
     sampled = toy_config(toy_data, tmp_path / "s3-sample", stage="stage3", steps=1, stage3={
         "retrieve_top": 3, "max_queries": 3, "judge": {"kind": "self", "model": str(judge_folder), "calibrate": 4}},
@@ -342,8 +355,24 @@ def test_stage3_judges_and_trains_and_reranker_learns(toy_data, toy_grids, tmp_p
     picked = json.loads((tmp_path / "s3-sample" / "judgements.json").read_text())[toy_data.name]
     assert len(picked) == 3 and set(picked) <= set(judged)  # a sample of the one-caption-per-image queries
     calibration = json.loads((tmp_path / "s3-sample" / "judge_calibration.json").read_text())
-    assert calibration["pairs"] == 3 and 0.5 <= calibration["accuracy"] <= 1.0  # capped at the 3 sampled queries
+    assert calibration["pairs"] == 3  # capped at the 3 sampled queries
     cached = [json.loads(line) for line in (tmp_path / "s3-sample" / "judge_cache.jsonl").read_text().splitlines()]
+    # The calibration asks first, a (match, mismatch) pair per query: recount its numbers from those verdicts.
+    template = sampled.stage3.judge.question
+    owner_image = {template.format(query=rows[int(q)].query.text): str(rows[int(q)].positive.image) for q in picked}
+    matched = [r["yes"] - r["no"] for r in cached[0:6:2]]
+    mismatched = [r["yes"] - r["no"] for r in cached[1:6:2]]
+    assert [r["candidate"] for r in cached[0:6:2]] == [owner_image[r["question"]] for r in cached[0:6:2]]
+    assert all(r["candidate"] != owner_image[r["question"]] for r in cached[1:6:2])
+    cut = calibration["threshold"]
+
+    def right(c: float) -> int:
+        return sum(m > c for m in matched) + sum(m <= c for m in mismatched)
+
+    assert calibration["accuracy"] == pytest.approx(right(cut) / 6)
+    assert right(cut) == max(right(c) for c in [min(matched + mismatched) - 1, *matched, *mismatched])  # the best cut
+    assert calibration["mean_margin_matched"] == pytest.approx(np.mean(matched))
+    assert calibration["mean_margin_mismatched"] == pytest.approx(np.mean(mismatched))
     margins = {(r["question"], r["candidate"]): r["yes"] - r["no"] for r in cached}
     for q, j in picked.items():  # judged relevant iff the margin clears the calibrated cut
         question = sampled.stage3.judge.question.format(query=rows[int(q)].query.text)
