@@ -333,13 +333,14 @@ def test_eval_command_end_to_end_and_cached(run_cli, tmp_path, caption_dir):
     assert second["embedded_now"] == 0 and second["tasks"] == first["tasks"]
 
 
-def test_eval_rerank_not_available(run_cli, tmp_path, caption_dir, monkeypatch):
-    import magic_mm
+def test_eval_rerank_needs_a_reranker_folder(run_cli, tmp_path, caption_dir):
+    from magic_mm import MagicEmbedder
 
-    monkeypatch.delattr(magic_mm, "MagicReranker", raising=False)  # as before the reranker landed
+    folder = tmp_path / "embedder-only"
+    MagicEmbedder.from_pretrained("tiny-random-composed").save_pretrained(folder)
     tasks = write_yaml(tmp_path / "t.yaml", f"tasks:\n  - {{name: a, captions: {caption_dir}, split: test}}\n")
-    code, _, err = run_cli("eval", "--tasks", tasks, "--model", "tiny-random-composed", "--rerank", "--out", tmp_path)
-    assert code == 2 and "not available" in err
+    code, _, err = run_cli("eval", "--tasks", tasks, "--model", folder, "--rerank", "--out", tmp_path / "out")
+    assert code == 2 and "not a reranker folder" in err and "Traceback" not in err
 
 
 def test_convert_captions_command_writes_a_readable_task(run_cli, tmp_path, caption_dir):

@@ -139,16 +139,10 @@ RERANK_TOP = 5  # the paper reranks the embedder's top 5
 
 
 def load_reranker(settings: EvalSettings) -> Any:
-    """The model's reranker, or a clear error while magic-mm has none."""
-    import magic_mm
+    """The model's reranker; a folder without one raises ModelFolderError (a UserError) naming it."""
+    from magic_mm.model.reranker import MagicReranker
 
-    reranker_class = getattr(magic_mm, "MagicReranker", None)
-    if reranker_class is None:
-        raise UserError(
-            "--rerank: the reranker (magic_mm.MagicReranker) is not available in this version of magic-mm; "
-            "run without --rerank"
-        )
-    return reranker_class.from_pretrained(settings.model)
+    return MagicReranker.from_pretrained(settings.model)
 
 
 def _as_input(item: Item) -> Any:
