@@ -63,9 +63,12 @@ class Stage1Config:
 
 @dataclass
 class JudgeConfig:
-    kind: str = "self"  # self (the project's stage-1 model) | hf (local HF VLM folder) | openai (URL)
-    model: str | None = None  # folder for kind=self/hf; model name for kind=openai
+    # self (the project's stage-1 model) | hf (local HF VLM folder) | openai (URL) |
+    # captions (the candidate photo's other human captions, compared by a sentence encoder)
+    kind: str = "self"
+    model: str | None = None  # folder for kind=self/hf; model name for kind=openai; sentence encoder for captions
     url: str | None = None  # OpenAI-compatible base URL for kind=openai
+    references: str | None = None  # kind=captions: the caption folder (images/ + captions.csv)
     api_key_env: str = "OPENAI_API_KEY"
     cache: str = "judge_cache.jsonl"  # relative to the run's output folder unless absolute
     # 0 = the paper's rule, relevant iff logit(yes) > logit(no).  N > 0: first ask the judge about N
@@ -163,8 +166,8 @@ class TrainConfig:
             raise ConfigError("stage3.max_queries must be >= 1 (or omitted for every query)")
         if self.stage3.judge.calibrate < 0:
             raise ConfigError("stage3.judge.calibrate must be >= 0 (0 = the paper's rule)")
-        if self.stage3.judge.kind not in ("self", "hf", "openai"):
-            raise ConfigError(f"stage3.judge.kind {self.stage3.judge.kind!r}: use self, hf or openai")
+        if self.stage3.judge.kind not in ("self", "hf", "openai", "captions"):
+            raise ConfigError(f"stage3.judge.kind {self.stage3.judge.kind!r}: use self, hf, openai or captions")
         if self.data.block_rows < 1:
             raise ConfigError(f"data.block_rows must be >= 1, got {self.data.block_rows}")
         if self.datasets and self.data.folder != DEFAULT_DATA_FOLDER:

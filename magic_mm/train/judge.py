@@ -1,12 +1,14 @@
 """The stage-3 judge: is a retrieved candidate relevant to the query?
 
 The judge answers yes or no; a candidate is relevant when logit(yes) > logit(no).
-Three kinds, one interface (``Judge.logits``):
+Four kinds, one interface (``Judge.logits``):
 
 - ``self``: the project's own stage-1 model (a folder written by save_pretrained);
 - ``hf``: any local transformers vision-language model folder with a chat template;
 - ``openai``: an OpenAI-compatible ``/chat/completions`` endpoint given by URL, read
-  through its top log-probabilities of the first answer token.
+  through its top log-probabilities of the first answer token;
+- ``captions``: no MLLM; the candidate photo's other human captions, compared with the
+  query by a sentence encoder (``reference_judge.py``), for caption data.
 
 Verdicts are cached in a JSONL file keyed by judge, query and candidate, so a
 rerun never asks again.
@@ -184,6 +186,14 @@ def openai_yes_no(reply: dict[str, Any]) -> tuple[float, float]:
 
 
 def make_judge(config: JudgeConfig) -> Judge:
+    if config.kind == "captions":
+        from magic_mm.train.reference_judge import ReferenceCaptionJudge
+
+        if not config.references:
+            raise UserError("stage3.judge.kind is captions but stage3.judge.references is empty; "
+                            "give the caption folder (images/ + captions.csv)")
+        encoder = {"encoder": config.model} if config.model else {}  # default: MiniLM
+        return ReferenceCaptionJudge(config.references, config.question, **encoder)
     if config.kind == "openai":
         if not config.url:
             raise UserError("stage3.judge.kind is openai but stage3.judge.url is empty; give the endpoint URL")
