@@ -19,8 +19,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 import os
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,11 +120,11 @@ class HFJudge(Judge):
     """A local transformers image-text-to-text model (e.g. a SmolVLM or InternVL folder)."""
 
     def __init__(self, folder: str) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         if not Path(folder).is_dir():
             raise UserError(f"stage3.judge.model {folder!r}: no such folder; give a local HF VLM folder")
-        self.processor = AutoProcessor.from_pretrained(folder)
+        self.processor = image_text_processor(folder)
         self.model = AutoModelForImageTextToText.from_pretrained(folder).eval()
         self.name = f"hf:{folder}"
         tok = self.processor.tokenizer
@@ -143,8 +143,37 @@ class HFJudge(Judge):
         return float(out[self.yes_id]), float(out[self.no_id])
 
 
+def image_text_processor(folder: str) -> Any:
+    """The folder's processor (``AutoProcessor``).  Where that fails only because its video processor
+    needs torchvision (Qwen-VL, InternVL and SmolVLM processors have one; this project installs no
+    torchvision), the same processor class is built from the folder's tokenizer, image processor and
+    settings without a video processor, which an image judge never calls."""
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(folder)
+    except (ImportError, ValueError) as exc:  # transformers raises either, naming torchvision
+        if "torchvision" not in str(exc).lower():
+            raise
+    settings = json.loads((Path(folder) / "processor_config.json").read_text())
+    base = getattr(transformers, settings.pop("processor_class"))
+
+    class WithoutVideo(base):  # type: ignore[misc, valid-type]
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    template = Path(folder) / "chat_template.jinja"
+    return WithoutVideo(image_processor=AutoImageProcessor.from_pretrained(folder),
+                        tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=None,
+                        chat_template=template.read_text() if template.is_file() else None, **settings)
+
+
 class OpenAIJudge(Judge):
-    """An OpenAI-compatible chat endpoint; yes/no read from the first token's top log-probs."""
+    """An OpenAI-compatible chat endpoint; yes/no read from the first token's top log-probs
+    (or, from a server that ignores ``logprobs``, from the answer's text; see ``openai_yes_no``)."""
 
     def __init__(self, url: str, model: str | None, api_key_env: str) -> None:
         self.url = url.rstrip("/") + "/chat/completions"
@@ -152,36 +181,56 @@ class OpenAIJudge(Judge):
         self.key = os.environ.get(api_key_env, "")
         self.name = f"openai:{url}:{self.model}"
 
-    def logits(self, question: str, image: Path | None) -> tuple[float, float]:
+    def request_body(self, question: str, image: Path | None) -> dict[str, Any]:
         content: list[dict[str, Any]] = [{"type": "text", "text": question + " Answer Yes or No."}]
         if image is not None:
             data = base64.b64encode(Path(image).read_bytes()).decode()
             content.append({"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{data}"}})
-        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": 1,
+        return {"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": 1,
                 "logprobs": True, "top_logprobs": 20, "temperature": 0}
+
+    def logits(self, question: str, image: Path | None) -> tuple[float, float]:
+        body = self.request_body(question, image)
         request = urllib.request.Request(self.url, json.dumps(body).encode(), {
             "Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})})
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 reply = json.loads(response.read())
-        except OSError as exc:
+        except urllib.error.HTTPError as exc:  # the server answered with an error: show what it said
+            said = exc.read().decode(errors="replace").strip()[:300] or str(exc.reason)
+            raise UserError(f"judge endpoint {self.url}: HTTP {exc.code}: {said}; "
+                            "check stage3.judge.url and stage3.judge.model") from None
+        except (OSError, ValueError) as exc:  # no server there, a timeout, or a reply that is not JSON
             raise UserError(f"judge endpoint {self.url}: request failed ({exc}); check stage3.judge.url") from None
+        if not isinstance(reply, dict) or not reply.get("choices"):
+            raise UserError(f"judge endpoint {self.url}: the reply has no choices ({str(reply)[:200]})")
         return openai_yes_no(reply)
 
 
+# The log-probability given to an answer a server did not list (or, read from the text, did not
+# give).  Finite, so that margins stay numbers: with -inf on both sides a margin is NaN, and the
+# calibration's cuts between margins are NaN too.
+ABSENT = -100.0
+
+
 def openai_yes_no(reply: dict[str, Any]) -> tuple[float, float]:
-    """(yes, no) log-probabilities from a chat completion; a missing answer gets -inf."""
+    """(yes, no) log-probabilities of the first answer token, from its top log-probabilities.
+
+    An answer missing from that list gets ``ABSENT`` (or less, below every listed entry).  Without
+    log-probabilities (``transformers serve`` accepts ``logprobs`` but ignores it) the answer's text
+    decides: the word it starts with gets 0 (probability 1), the other ``ABSENT``.
+    """
     choice = reply["choices"][0]
-    scores = {"yes": -math.inf, "no": -math.inf}
     tops = ((choice.get("logprobs") or {}).get("content") or [{}])[0].get("top_logprobs") or []
+    floor = min([ABSENT] + [float(entry["logprob"]) - 1.0 for entry in tops])
+    scores = {"yes": floor, "no": floor}
     for entry in tops:
         word = entry["token"].strip().lower()
         if word in scores:
             scores[word] = max(scores[word], float(entry["logprob"]))
-    if scores == {"yes": -math.inf, "no": -math.inf}:  # no log-probs: fall back to the text
-        text = (choice.get("message") or {}).get("content", "").strip().lower()
-        scores = {"yes": 0.0 if text.startswith("yes") else -math.inf,
-                  "no": 0.0 if text.startswith("no") else -math.inf}
+    if scores == {"yes": floor, "no": floor}:  # no log-probs (or neither word among them): the text
+        text = ((choice.get("message") or {}).get("content") or "").strip().lower()
+        scores = {"yes": 0.0 if text.startswith("yes") else ABSENT, "no": 0.0 if text.startswith("no") else ABSENT}
     return scores["yes"], scores["no"]
 
 
