@@ -1,9 +1,10 @@
 """Bulk indexing: the local engine (one process) against the Ray engine with 1 and 2 workers.
 
-All runs happen in this one process, on the same photos, in one sitting:
+All runs happen in this one process, on the same photos, in one sitting, in rounds (each
+round runs every engine once, so that a change in a shared machine's load falls on all alike):
 
 * **local** — ``index_paths`` with the model already loaded (what ``magic-mm index`` does after
-  its model load);
+  its model load), with torch's default threads (one per core);
 * **ray, N workers** — per repeat: start a local Ray (timed: *Ray start*), run
   ``index_paths_ray`` into a fresh index (timed: *job*), run it again, when every file is
   skipped (timed: *fixed cost*: launching the dataset, starting the actors, loading a model
@@ -44,6 +45,14 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - start, result
 
 
+def resources_for(workers: int, gpus_per_worker: float, cores: int):
+    """Workers split the cores (CPU workers), so every engine runs on the same number of threads."""
+    from magic_mm.bulk import WorkerResources
+
+    cpus = max(1, cores // workers) if gpus_per_worker == 0 else 1
+    return WorkerResources(workers=workers, gpus=gpus_per_worker, cpus=cpus)
+
+
 def commit_rate(dim: int, batch: int, folder: Path, rounds: int = 20) -> float:
     """Rows per second the driver commits (delete + atomic add per batch), vectors ready-made."""
     from magic_mm.index.store import ModelStamp, PageStore
@@ -73,7 +82,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from magic_mm import MagicEmbedder
-    from magic_mm.bulk import WorkerResources, resolve_worker_dtype, start_ray
+    import torch
+
+    from magic_mm.bulk import resolve_worker_dtype, start_ray
     from magic_mm.index.indexer import index_paths
     from magic_mm.index.ray_engine import index_paths_ray
     from magic_mm.index.store import ModelStamp, PageStore
@@ -91,40 +102,53 @@ def main() -> None:
     stamp = ModelStamp.of(embedder, args.model)
     results: list[dict] = []
 
-    local_times = []
+    # Repeats are the outer loop: each round runs every engine once, so a change in the machine's
+    # load (it is shared) falls on all of them alike.
+    configs = [None, *args.workers]  # None: the local engine
+    times: dict[object, dict[str, list[float]]] = {c: {"start": [], "job": [], "fixed": []} for c in configs}
     for r in range(args.repeats):
-        store = PageStore.open_or_create(work / f"local-{r}.lance", stamp)
-        seconds, summary = timed(index_paths, embedder, store, [photos], batch_size=args.batch_size)
-        assert summary.rows == rows, summary.counts()
-        local_times.append(seconds)
-    job = statistics.median(local_times)
-    results.append({"engine": "local (1 process)", "workers": 1, "threads_per_worker": cores, "ray_start_s": None,
-                    "job_s": job, "fixed_s": None, "rows_per_s": rows / job, "steady_rows_per_s": rows / job})
-
-    for workers in args.workers:
-        cpus = max(1, cores // workers) if args.gpus_per_worker == 0 else 1
-        resources = WorkerResources(workers=workers, gpus=args.gpus_per_worker, cpus=cpus)
-        dtype = resolve_worker_dtype(args.dtype, resources)
-        starts, jobs, fixed = [], [], []
-        for r in range(args.repeats):
-            seconds, _ = timed(start_ray, None, workers, cpus)
-            starts.append(seconds)
+        for workers in configs:
+            measured = times[workers]
+            if workers is None:
+                store = PageStore.open_or_create(work / f"local-{r}.lance", stamp)
+                seconds, summary = timed(index_paths, embedder, store, [photos], batch_size=args.batch_size)
+                assert summary.rows == rows, summary.counts()
+                measured["job"].append(seconds)
+                continue
+            resources = resources_for(workers, args.gpus_per_worker, cores)
+            dtype = resolve_worker_dtype(args.dtype, resources)
+            seconds, _ = timed(start_ray, None, workers, resources.cpus)
+            measured["start"].append(seconds)
             try:
                 store = PageStore.open_or_create(work / f"ray-{workers}-{r}.lance", stamp)
                 seconds, summary = timed(index_paths_ray, args.model, store, [photos], resources, dtype,
                                          batch_size=args.batch_size)
                 assert summary.rows == rows and summary.pages_embedded == rows, summary.counts()
-                jobs.append(seconds)
+                measured["job"].append(seconds)
                 seconds, summary = timed(index_paths_ray, args.model, store, [photos], resources, dtype,
                                          batch_size=args.batch_size)
                 assert len(summary.skipped) == rows, summary.counts()
-                fixed.append(seconds)
+                measured["fixed"].append(seconds)
             finally:
                 ray.shutdown()
-        job, fixed_s = statistics.median(jobs), statistics.median(fixed)
-        results.append({"engine": f"ray, {workers} worker(s)", "workers": workers, "threads_per_worker": cpus,
-                        "ray_start_s": statistics.median(starts), "job_s": job, "fixed_s": fixed_s,
-                        "rows_per_s": rows / job, "steady_rows_per_s": rows / max(job - fixed_s, 1e-9)})
+            print(f"round {r + 1}: ray {workers} worker(s) job {measured['job'][-1]:.1f} s", flush=True)
+        print(f"round {r + 1}: local job {times[None]['job'][-1]:.1f} s", flush=True)
+
+    for workers in configs:
+        measured = times[workers]
+        job = statistics.median(measured["job"])
+        if workers is None:
+            results.append({"engine": "local (1 process)", "workers": 1, "threads_per_worker": torch.get_num_threads(),
+                            "ray_start_s": None, "job_s": job, "fixed_s": None, "rows_per_s": rows / job,
+                            "steady_rows_per_s": rows / job, "job_runs_s": measured["job"]})
+            continue
+        fixed_s = statistics.median(measured["fixed"])
+        results.append({"engine": f"ray, {workers} worker(s)", "workers": workers,
+                        "threads_per_worker": int(resources_for(workers, args.gpus_per_worker, cores).cpus),
+                        "ray_start_s": statistics.median(measured["start"]), "job_s": job, "fixed_s": fixed_s,
+                        "rows_per_s": rows / job, "steady_rows_per_s": rows / max(job - fixed_s, 1e-9),
+                        "job_runs_s": measured["job"], "fixed_runs_s": measured["fixed"],
+                        "start_runs_s": measured["start"]})
 
     commits = {batch: commit_rate(embedder.embedding_dim, batch, work) for batch in (16, 256)}
     shutil.rmtree(work, ignore_errors=True)

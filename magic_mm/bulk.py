@@ -181,6 +181,9 @@ class _ColumnWorker(EmbedWorker):
         self.role, self.instruction, self.dim, self.paths = role, instruction, dim, paths
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name in (self.column, self.text_column):
+            if name is not None and name not in batch:
+                raise UserError(f"column {name!r}: the dataset has no such column (it has {', '.join(batch)})")
         values = batch[self.column]
         texts = batch[self.text_column] if self.text_column else None
         inputs = []
@@ -246,7 +249,8 @@ def embed(
         raise UserError(f"role={role!r}: use 'query' or 'candidate'")
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size}: use 1 or more")
-    columns = dataset.columns() if hasattr(dataset, "columns") else None
+    schema = dataset.schema(fetch_if_missing=False)  # known without running the pipeline, or None
+    columns = list(schema.names) if schema is not None else None
     for name in (column, text_column):
         if name is not None and columns is not None and name not in columns:
             raise UserError(f"column {name!r}: the dataset has no such column (it has {', '.join(columns)})")
