@@ -16,6 +16,7 @@ import click
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from magic_mm.cli_options import DtypeOpt
@@ -265,7 +266,8 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: messages quote user input and commands such as "pip install 'magic-mm[ray]'"
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except usage_errors as exc:
         exc.show()  # click's own "Usage: …  Error: No such option: --k (Possible options: --k1)"

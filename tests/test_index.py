@@ -192,12 +192,13 @@ def test_rerank_reorders_the_head_only(tiny_composed, shared_index, answer):
     assert reranker_scores(reranker, query, [query, query]) == [0.0, 1.0]
 
 
-def test_rerank_unavailable_is_a_clear_user_error(monkeypatch):
-    import magic_mm
+def test_rerank_unavailable_is_a_clear_user_error(tmp_path):
+    from magic_mm import MagicEmbedder
 
-    monkeypatch.delattr(magic_mm, "MagicReranker", raising=False)  # as before the training issue lands
-    with pytest.raises(RerankerUnavailableError, match="reranking is not available"):
-        load_reranker(MODEL)
+    folder = tmp_path / "embedder-only"
+    MagicEmbedder.from_pretrained(MODEL).save_pretrained(folder)
+    with pytest.raises(RerankerUnavailableError, match="reranking is not available for model .*not a reranker folder"):
+        load_reranker(str(folder))
 
 
 def test_cli_index_and_search(run_cli, tmp_path):

@@ -132,14 +132,9 @@ def _index_on_ray(paths: list[Path], db: str, model: str, compression: str | Non
                   batch_size: int, limit: int | None, rebuild: bool, quiet: bool, address: str | None,
                   workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float) -> tuple:
     """``index --engine ray``: connect to Ray, stamp the index with the model the workers load, run the job."""
-    from rich.markup import escape
-
     from magic_mm.bulk import require_ray
 
-    try:
-        ray = require_ray("--engine ray")  # before anything slow
-    except UserError as exc:  # main() prints errors as rich markup, which would eat the "[ray]"
-        raise type(exc)(escape(str(exc))) from None
+    ray = require_ray("--engine ray")  # before anything slow
     # Ray's own notices (a worker that died and is being replaced, say) are printed on stdout; they
     # go to stderr here, so that stdout holds only the summary (--json).
     with contextlib.redirect_stdout(sys.stderr):

@@ -1,7 +1,7 @@
 """Search an index with a text, an image or both, optionally reranking the top candidates.
 
 All rerank logic lives here: ``load_reranker`` (the one check for whether
-``magic_mm.MagicReranker`` exists), ``reranker_scores`` (the one adapter to its
+the model has a reranker), ``reranker_scores`` (the one adapter to its
 ``rerank`` method) and ``retrieve`` (embedder top-k, then rerank the head).
 The CLI and the server both call ``retrieve``.
 """
@@ -26,18 +26,13 @@ DEFAULT_RERANK_TOP = 10
 
 
 class RerankerUnavailableError(UserError):
-    """``--rerank`` was asked for, but this magic-mm has no reranker yet."""
+    """``--rerank`` was asked for, but the model has no reranker."""
 
 
 def load_reranker(model: str) -> Any:
-    """``magic_mm.MagicReranker`` for ``model``, or a ``RerankerUnavailableError`` saying why not."""
-    try:
-        from magic_mm import MagicReranker  # type: ignore[attr-defined]
-    except ImportError:
-        raise RerankerUnavailableError(
-            "reranking is not available in this magic-mm version (magic_mm.MagicReranker is not installed; it "
-            "comes with the trained reranker); search without reranking (drop --rerank / \"rerank\": true)"
-        ) from None
+    """The ``MagicReranker`` for ``model``, or a ``RerankerUnavailableError`` saying why not."""
+    from magic_mm.model.reranker import MagicReranker
+
     try:
         return MagicReranker.from_pretrained(model)
     except (UserError, OSError, TypeError, ValueError) as exc:
