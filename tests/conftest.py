@@ -56,6 +56,16 @@ def make_image(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    """Four small distinct PNGs, i0.png … i3.png."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for n in range(4):
+        make_image(40, 30, seed=n).save(root / f"i{n}.png")
+    return root
+
+
+@pytest.fixture
 def run_cli(monkeypatch, capsys):
     """Run ``magic-mm ARGS`` in-process; returns (exit code, stdout, stderr)."""
     from magic_mm.cli import main

@@ -50,15 +50,6 @@ def write_csv(path: Path, text: str) -> Path:
 
 
 @pytest.fixture
-def image_dir(tmp_path: Path) -> Path:
-    root = tmp_path / "imgs"
-    root.mkdir()
-    for n in range(4):
-        make_image(40, 30, seed=n).save(root / f"i{n}.png")
-    return root
-
-
-@pytest.fixture
 def caption_folder(tmp_path: Path) -> Path:
     """p0 (3 captions) and p1 (2) in train, p2 (1) in test; JPEG images."""
     root = tmp_path / "photos"

@@ -72,15 +72,6 @@ def test_no_relevant_candidate_scores_zero():
 
 
 # -- layout reader -------------------------------------------------------------------
-@pytest.fixture
-def image_dir(tmp_path: Path) -> Path:
-    root = tmp_path / "imgs"
-    root.mkdir()
-    for i in range(4):
-        make_image(40, 30, seed=i).save(root / f"i{i}.png")
-    return root
-
-
 RECORDS = [
     {"qry_text": "<|image_1|>\nWhat is this?", "qry_img_path": "i0.png",
      "tgt_text": ["cat", "dog"], "tgt_img_path": ["", ""]},
