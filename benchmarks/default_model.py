@@ -12,6 +12,12 @@ EfficientNet-Lite0 and the head, like the other rows; it feeds no LM, so its vis
 image are reported as 0 (the image becomes one pooled 1280-d vector), marked "no LM" in the table
 and ``visual_tokens_note`` in the JSON.  All rows are measured in one run, one after another, so
 their timings are comparable.
+
+The labels column is label-prompt classification accuracy (hit@1 among the label texts) on
+``--labels`` (default ``tasks-classification.yaml``: test photos whose captions agree on one of
+four labels), through the same harness as ``magic-mm eval``.  After the table, each row is
+compared with the row before it (and any ``--compare A:B`` pair, 1-based) on the same queries:
+the difference in R@1 / R@5 with a paired bootstrap 95 % confidence interval.
 """
 
 from __future__ import annotations
@@ -29,14 +35,21 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from magic_mm.data.captions import read_captioned_images  # noqa: E402
+from magic_mm.eval.significance import paired_bootstrap_ci  # noqa: E402
+
+KS = (1, 5, 10)
 
 
-def recalls(scores: np.ndarray, relevant: list[set[int]], ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+def first_ranks(scores: np.ndarray, relevant: list[set[int]]) -> np.ndarray:
+    """Each query's 0-based rank of its best-placed relevant item."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.array([next(r for r, c in enumerate(row) if c in rel) for row, rel in zip(order, relevant)])
+
+
+def recalls(first: np.ndarray) -> dict[str, float]:
     """recall@k as the share of queries with any relevant item in their top k (the usual
     cross-modal retrieval definition; with one relevant image it is hit@k)."""
-    order = np.argsort(-scores, axis=1, kind="stable")
-    first = np.array([next(r for r, c in enumerate(row) if c in rel) for row, rel in zip(order, relevant)])
-    return {f"R@{k}": float(np.mean(first < k)) for k in ks}
+    return {f"R@{k}": float(np.mean(first < k)) for k in KS}
 
 
 def load_embedder(model: str):  # noqa: ANN201
@@ -61,7 +74,38 @@ def encode_timed(embedder, paths: list[Path]) -> tuple[np.ndarray, list[float]]:
     return np.stack(vectors), times
 
 
-def evaluate_row(label: str, spec: str, items, captions, owner) -> dict:  # noqa: ANN001
+class ItemsToDual:
+    """The harness's encoder interface over the dual encoder, which picks its head by modality
+    (images → image head, texts → text head) rather than by role."""
+
+    def __init__(self, dual) -> None:  # noqa: ANN001
+        self.dual = dual
+
+    def encode(self, inputs, instruction: str = "", role: str = "query", batch_size: int = 32) -> np.ndarray:  # noqa: ANN001, ARG002
+        images = [i.image is not None for i in inputs]
+        if all(images):
+            return self.dual.encode([i.image for i in inputs], role="candidate", batch_size=batch_size)
+        if not any(images):
+            return self.dual.encode([i.text for i in inputs], role="query", batch_size=batch_size)
+        raise ValueError("the dual encoder embeds images or texts, not both in one item")
+
+
+def label_accuracy(embedder, tasks: Path) -> float:  # noqa: ANN001
+    """hit@1 of label-prompt classification, through the same harness as `magic-mm eval`."""
+    from magic_mm.eval.cache import CachedEncoder, EmbeddingCache
+    from magic_mm.eval.harness import evaluate_rows
+    from magic_mm.eval.tasks import load_tasks
+    from magic_mm.model.compression import Compression
+    from magic_mm.model.prompts import DEFAULT_INSTRUCTIONS
+
+    spec = load_tasks(tasks)[0]
+    encoder = CachedEncoder(lambda: embedder, EmbeddingCache(None), Compression.parse("none"),
+                            dict(DEFAULT_INSTRUCTIONS), batch_size=16)
+    metrics, _, _ = evaluate_rows(spec.load(), encoder, spec.mode)
+    return metrics[spec.primary]
+
+
+def evaluate_row(label: str, spec: str, items, captions, owner, labels: Path | None) -> dict:  # noqa: ANN001
     paths = [i.path for i in items]
     rerank = None
     if spec.startswith("rerank:"):
@@ -77,7 +121,7 @@ def evaluate_row(label: str, spec: str, items, captions, owner) -> dict:  # noqa
     txt = embedder.encode(captions, role="query", batch_size=32)
     tokens = 0 if dual else embedder.backbone.visual_tokens(448, 448)
     scores = txt @ img.T
-    t2i = recalls(scores, [{o} for o in owner])
+    t2i_first = first_ranks(scores, [{o} for o in owner])
     if rerank:
         from magic_mm import MagicReranker
 
@@ -92,14 +136,19 @@ def evaluate_row(label: str, spec: str, items, captions, owner) -> dict:  # noqa
             hits = reranker.rerank(captions[q], [grids.item(paths[c]) for c in row], top_k=5)
             for place, hit in enumerate(hits):  # reranked top 5 above everything else, in the new order
                 reranked[q, row[hit.index]] = 1e3 - place
-        t2i = recalls(reranked, [{o} for o in owner])
+        t2i_first = first_ranks(reranked, [{o} for o in owner])
     by_image: list[set[int]] = [set() for _ in items]
     for q, o in enumerate(owner):
         by_image[o].add(q)
-    i2t = recalls(scores.T, by_image)
+    i2t_first = first_ranks(scores.T, by_image)
+    # the reranker rescores text→image lists only: its row classifies like its embedder's row
+    accuracy = None if rerank or labels is None else label_accuracy(ItemsToDual(embedder) if dual else embedder, labels)
     row = {"row": label, "model": spec, "visual_tokens": tokens,
            "median_encode_ms": 1000 * statistics.median(times),
-           "text_to_image": t2i, "image_to_text": i2t, "reranked_top5": bool(rerank)}
+           "text_to_image": recalls(t2i_first), "image_to_text": recalls(i2t_first), "label_accuracy": accuracy,
+           "reranked_top5": bool(rerank),
+           # per-query 0-based rank of the first relevant item, for paired comparisons between rows
+           "text_to_image_first_rank": t2i_first.tolist(), "image_to_text_first_rank": i2t_first.tolist()}
     if dual:
         row["visual_tokens_note"] = "no LM"  # one pooled vector per image, projected by a linear head
     return row
@@ -107,14 +156,27 @@ def evaluate_row(label: str, spec: str, items, captions, owner) -> dict:  # noqa
 
 def markdown(rows: list[dict]) -> str:
     head = ("| row | visual tokens / image | median encode ms / image | t→i R@1 | R@5 | R@10 "
-            "| i→t R@1 | R@5 | R@10 |\n|---|---|---|---|---|---|---|---|---|")
+            "| i→t R@1 | R@5 | R@10 | labels acc |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         t, i = r["text_to_image"], r["image_to_text"]
         tokens = f"{r['visual_tokens']} ({r['visual_tokens_note']})" if "visual_tokens_note" in r else r["visual_tokens"]
+        accuracy = "—" if r.get("label_accuracy") is None else f"{100 * r['label_accuracy']:.1f}"
         lines.append(f"| {r['row']} | {tokens} | {r['median_encode_ms']:.0f} | "
-                     + " | ".join(f"{100 * d[k]:.1f}" for d in (t, i) for k in ("R@1", "R@5", "R@10")) + " |")
+                     + " | ".join(f"{100 * d[k]:.1f}" for d in (t, i) for k in KS) + f" | {accuracy} |")
     return "\n".join(lines)
+
+
+def compare(a: dict, b: dict, resamples: int) -> dict:
+    """Row b minus row a on the same queries: R@1 / R@5 differences with paired bootstrap 95 % CIs."""
+    out = {}
+    for direction in ("text_to_image", "image_to_text"):
+        first_a = np.array(a[f"{direction}_first_rank"])
+        first_b = np.array(b[f"{direction}_first_rank"])
+        for k in (1, 5):
+            mean, low, high = paired_bootstrap_ci(first_a < k, first_b < k, resamples)
+            out[f"{direction} R@{k}"] = {"difference": mean, "ci95": [low, high]}
+    return out
 
 
 def main() -> None:
@@ -122,24 +184,42 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/flickr8k-1k"))
     parser.add_argument("--split", default="test")
     parser.add_argument("--row", action="append", required=True, help="LABEL=MODEL[@COMPRESSION]")
+    parser.add_argument("--labels", type=Path, default=REPO / "tasks-classification.yaml",
+                        help="label-prompt classification tasks file for the labels column ('' for none)")
+    parser.add_argument("--compare", action="append", default=[], metavar="A:B",
+                        help="also compare row B with row A (1-based), beyond each row with the one before")
+    parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples per comparison")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
+    labels = args.labels if str(args.labels) else None
+    pairs = [(n - 1, n) for n in range(1, len(args.row))]
+    for pair in args.compare:
+        a, _, b = pair.partition(":")
+        if not (a.isdigit() and b.isdigit() and 1 <= int(a) <= len(args.row) and 1 <= int(b) <= len(args.row)):
+            parser.error(f"--compare {pair!r}: give two row numbers A:B between 1 and {len(args.row)}")
+        pairs.append((int(a) - 1, int(b) - 1))
     items = read_captioned_images(args.data, args.split)
     captions = [c for i in items for c in i.captions]
     owner = [n for n, i in enumerate(items) for _ in i.captions]
     rows = []
     for row in args.row:
         label, _, spec = row.rpartition("=")
-        rows.append(evaluate_row(label, spec, items, captions, owner))
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(evaluate_row(label, spec, items, captions, owner, labels))
+        summary = {k: v for k, v in rows[-1].items() if not k.endswith("_first_rank")}
+        print(json.dumps(summary), flush=True)
     print(f"\n{args.split} split: {len(items)} images, {len(captions)} captions\n")
     print(markdown(rows))
-    base = rows[0]["text_to_image"]["R@5"]
-    for r in rows[1:]:
-        print(f"{r['row']}: text→image R@5 {r['text_to_image']['R@5'] / base:.2f}× row 1" if base else "")
+    print("\ndifferences on the same queries, points, with paired bootstrap 95 % CIs:")
+    comparisons = []
+    for a, b in pairs:
+        diffs = compare(rows[a], rows[b], args.resamples)
+        comparisons.append({"from": rows[a]["row"], "to": rows[b]["row"], **diffs})
+        print(f"  row {b + 1} − row {a + 1}: " + ", ".join(
+            f"{name} {100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+            for name, d in diffs.items() if name != "image_to_text R@1"))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"split": args.split, "rows": rows}, indent=2))
+        args.out.write_text(json.dumps({"split": args.split, "rows": rows, "comparisons": comparisons}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ hit@k differs between the two runs carry information.
 from __future__ import annotations
 
 import argparse
-from math import comb
 from pathlib import Path
 
 import numpy as np
 
 from magic_mm.eval.harness import EvalSettings, evaluate_rows, make_encoder
+from magic_mm.eval.significance import paired_bootstrap_ci, sign_test
 from magic_mm.eval.tasks import load_tasks
 
 
@@ -24,14 +24,6 @@ def hits(spec, rows, model: str, dtype: str, cache: Path | None, k: int) -> np.n
     encoder = make_encoder(EvalSettings(model=model, dtype=dtype, cache_root=cache, show_progress=True))
     _, predictions, _ = evaluate_rows(rows, encoder, spec.mode)
     return np.array([p["first_relevant_rank"] is not None and p["first_relevant_rank"] <= k for p in predictions])
-
-
-def sign_test(gained: int, lost: int) -> float:
-    """Two-sided exact binomial p-value of gained vs lost under 'no difference' (p = 1/2)."""
-    n, low = gained + lost, min(gained, lost)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(comb(n, i) for i in range(low + 1)) / 2**n)
 
 
 def main() -> None:
@@ -48,12 +40,10 @@ def main() -> None:
     base = hits(spec, rows, args.model, "float32", args.cache_dir, args.k)
     other = hits(spec, rows, args.model, args.dtype, args.cache_dir, args.k)
     diff = other.astype(float) - base.astype(float)
-    rng = np.random.default_rng(0)
-    boot = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(args.resamples)])
-    low, high = np.percentile(boot, [2.5, 97.5])
+    mean, low, high = paired_bootstrap_ci(base, other, args.resamples)
     gained, lost = int((diff > 0).sum()), int((diff < 0).sum())
     print(f"{len(diff)} queries, R@{args.k}: float32 {100 * base.mean():.2f}, {args.dtype} {100 * other.mean():.2f}, "
-          f"difference {100 * diff.mean():+.2f} points")
+          f"difference {100 * mean:+.2f} points")
     print(f"paired bootstrap 95% CI of the difference ({args.resamples} resamples): "
           f"[{100 * low:+.2f}, {100 * high:+.2f}] points")
     print(f"queries changed: {gained} gained, {lost} lost; exact sign test p = {sign_test(gained, lost):.3f}")

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from default_model import recalls  # noqa: E402
+from default_model import first_ranks, recalls  # noqa: E402
 
 from magic_mm.errors import ModelFolderError, UserError  # noqa: E402
 from magic_mm.model import efficientnet_lite  # noqa: E402
@@ -248,7 +248,8 @@ def split_recalls(heads: nn.ModuleDict, data: SplitFeatures) -> dict[str, dict[s
     by_image: list[set[int]] = [set() for _ in range(len(img))]
     for q, o in enumerate(data.owner):
         by_image[o].add(q)
-    return {"text_to_image": recalls(scores, [{o} for o in data.owner]), "image_to_text": recalls(scores.T, by_image)}
+    return {"text_to_image": recalls(first_ranks(scores, [{o} for o in data.owner])),
+            "image_to_text": recalls(first_ranks(scores.T, by_image))}
 
 
 def train_heads(config: DualConfig, settings: TrainSettings, text_dim: int, train: SplitFeatures,

@@ -334,7 +334,7 @@ def test_default_mixture_config_reads_and_matches_the_converters(flickr_dir):
     from magic_mm.data.train_convert import TRAIN_KINDS, caption_pairs
     from magic_mm.train.config import load_config
 
-    config = load_config(REPO / "configs" / "default-model" / "mixture.yaml")
+    config = load_config(REPO / "configs" / "default-model" / "stage2-s2.yaml")
     specs = {spec.label: spec for spec in config.datasets}
     assert list(specs) == ["flickr8k-t2i", "flickr8k-i2t", "flickr8k-t2t", "imagenet-pseudo"]
     assert sum(spec.weight for spec in specs.values()) == pytest.approx(1.0)

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import dual_encoder as de  # noqa: E402
-from default_model import evaluate_row  # noqa: E402
+from default_model import compare, evaluate_row  # noqa: E402
 
 from magic_mm.data.captions import CaptionedImage  # noqa: E402
 from magic_mm.errors import ModelFolderError  # noqa: E402
@@ -99,12 +99,30 @@ def test_save_load_round_trip_and_table_row(toy: dict, tmp_path: Path) -> None:
 
     # The table row (one image per encode call) agrees with the recall used to pick the epoch.
     items = [CaptionedImage(p.name, p, pairs.captions[2 * n : 2 * n + 2]) for n, p in enumerate(pairs.images)]
-    row = evaluate_row("dual", f"dual:{tmp_path / 'model'}", items, pairs.captions, pairs.owner)
+    # The labels column: each photo against the four "a <colour> square" labels, its own listed first.
+    names = list(COLOURS)
+    lines = [json.dumps({"qry_inst": "Represent the given image for classification.", "qry_text": "",
+                         "qry_img_path": str(path), "tgt_inst": "",
+                         "tgt_text": [f"a {name} square"] + [f"a {o} square" for o in names if o != name][:3],
+                         "tgt_img_path": [""] * 4}) for name, path in zip(names, pairs.images)]
+    (tmp_path / "labels.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "labels.yaml").write_text("tasks:\n  - name: colours\n    file: labels.jsonl\n    meta: classification\n")
+    row = evaluate_row("dual", f"dual:{tmp_path / 'model'}", items, pairs.captions, pairs.owner, tmp_path / "labels.yaml")
     assert row["visual_tokens"] == 0 and row["visual_tokens_note"] == "no LM"
     assert row["median_encode_ms"] > 0
     expected = de.split_recalls(heads, toy["features"])
     assert row["text_to_image"] == pytest.approx(expected["text_to_image"])
     assert row["image_to_text"] == pytest.approx(expected["image_to_text"])
+    # the harness's accuracy equals the dual encoder's own image-vs-label argmax
+    image_vectors = loaded.encode(pairs.images, role="candidate")
+    right = [np.argmax(loaded.encode(json.loads(line)["tgt_text"], role="query") @ v) == 0
+             for line, v in zip(lines, image_vectors)]
+    assert row["label_accuracy"] == pytest.approx(np.mean(right))
+    # paired comparisons read the per-query ranks: a row against itself differs by exactly nothing,
+    # against a row that misses every query at rank 1 by minus its R@1
+    assert all(d == {"difference": 0.0, "ci95": [0.0, 0.0]} for d in compare(row, row, 100).values())
+    blind = {**row, "text_to_image_first_rank": [9] * len(row["text_to_image_first_rank"])}
+    assert compare(row, blind, 100)["text_to_image R@1"]["difference"] == pytest.approx(-row["text_to_image"]["R@1"])
 
 
 def test_folder_that_is_not_a_dual_encoder(tmp_path: Path) -> None:
