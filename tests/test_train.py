@@ -184,6 +184,8 @@ def test_calibrated_threshold_undoes_a_yes_bias():
     ("stage: stage2\nmixed_precision: fp64", "mixed_precision"),
     ("stage: stage3\nstage3: {max_queries: 0}", "max_queries"),
     ("stage: stage2\nsnapshot_steps: [0]", "snapshot_steps"),
+    ("stage: stage2\nhard_negatives: {schedule: cyclic}", "schedule"),
+    ("stage: stage2\nhard_negatives: {lr_scale: 0}", "lr_scale"),
 ])
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path, body, match):
     path = tmp_path / "c.yaml"
@@ -270,6 +272,23 @@ def test_stage2_loss_goes_down_and_mines_hard_negatives(toy_data, toy_grids, tmp
 
     saved = MagicEmbedder.from_pretrained(folder)
     assert saved.config.lora is not None
+
+
+@pytest.mark.parametrize("schedule", ["continue", "restart"])
+def test_hard_negative_phase_schedule(toy_data, toy_grids, tmp_path, schedule):
+    """"continue" decays one cosine over both phases; "restart" gives the mined-negative phase its
+    own cosine, peaking at lr_scale × lr (the learning rates logged are the ones the steps used)."""
+    config = toy_config(toy_data, tmp_path / "s2", steps=4, batch_size=4,
+                        hard_negatives={"steps": 3, "window": [1, 4], "count": 1, "schedule": schedule, "lr_scale": 0.5})
+    trainer(config).run()
+    log = [json.loads(line) for line in (tmp_path / "s2" / "train_log.jsonl").read_text().splitlines()]
+    cos = [0.5 * (1 + math.cos(math.pi * k / n)) for n, k in ((4, 0), (4, 1), (4, 2), (4, 3))]
+    if schedule == "restart":
+        expected = cos + [0.5 * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(3)]
+    else:
+        expected = [0.5 * (1 + math.cos(math.pi * k / 7)) for k in range(7)]
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * f for f in expected])
+    assert [r["hard_negative_phase"] for r in log] == [0.0] * 4 + [1.0] * 3
 
 
 def test_stage1_loss_goes_down(toy_data, toy_grids, tmp_path):

@@ -52,6 +52,11 @@ class HardNegativeConfig:
     window: tuple[int, int] = (50, 100)  # ranks (0-based, after exclusions) to sample from
     count: int = 2  # hard negatives per query
     queries_per_group: int | None = None  # mine for only N queries of each group (cheaper)
+    # "continue": one warmup + cosine over both phases, so the mined-negative steps run at the
+    # schedule's tail (a few % of the peak).  "restart": each phase gets its own warmup + cosine,
+    # the hard-negative one peaking at lr_scale × the optimiser's rates.
+    schedule: str = "continue"
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -149,6 +154,10 @@ class TrainConfig:
         lo, hi = self.hard_negatives.window
         if not 0 <= lo < hi:
             raise ConfigError(f"hard_negatives.window {lo}-{hi}: need 0 <= start < end")
+        if self.hard_negatives.schedule not in ("continue", "restart"):
+            raise ConfigError(f"hard_negatives.schedule {self.hard_negatives.schedule!r}: use continue or restart")
+        if not self.hard_negatives.lr_scale > 0:
+            raise ConfigError(f"hard_negatives.lr_scale {self.hard_negatives.lr_scale}: must be > 0")
         if self.optim.schedule not in ("cosine", "constant"):
             raise ConfigError(f"optim.schedule {self.optim.schedule!r}: use cosine or constant")
         if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:

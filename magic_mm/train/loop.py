@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from magic_mm.model.config import EmbedderConfig
 from magic_mm.model.embedder import MagicEmbedder
 from magic_mm.train import distributed
-from magic_mm.train.config import ConfigError, TrainConfig, config_to_dict
+from magic_mm.train.config import ConfigError, OptimConfig, TrainConfig, config_to_dict
 from magic_mm.train.features import VisionCache
 
 CHECKPOINT = "checkpoint"
@@ -88,6 +88,17 @@ class ModelCall(torch.nn.Module):
             if callable(method):
                 return method(self.embedder, *args, **kwargs)
             return getattr(self.embedder, method)(*args, **kwargs)
+
+
+def lr_factor(step: int, steps: int, optim: OptimConfig) -> float:
+    """The learning-rate multiplier at ``step`` of a ``steps``-long schedule: linear warmup, then
+    cosine decay to 0 at ``steps`` (or constant)."""
+    if step < optim.warmup_steps:
+        return (step + 1) / (optim.warmup_steps + 1)
+    if optim.schedule == "constant":
+        return 1.0
+    span = max(1, steps - optim.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - optim.warmup_steps) / span)))
 
 
 class Trainer:
@@ -235,13 +246,7 @@ class Trainer:
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
     def _lr_factor(self, step: int) -> float:
-        cfg = self.config.optim
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        if cfg.schedule == "constant":
-            return 1.0
-        span = max(1, self.total_steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+        return lr_factor(step, self.total_steps, self.config.optim)
 
     # -- checkpoints ----------------------------------------------------------------
     def trained_state(self) -> dict[str, torch.Tensor]:

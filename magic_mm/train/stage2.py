@@ -29,7 +29,7 @@ from magic_mm.model.embedder import MagicEmbedder
 from magic_mm.model.inputs import PreparedInput
 from magic_mm.train import distributed
 from magic_mm.train.gradcache import contrastive_backward
-from magic_mm.train.loop import Trainer
+from magic_mm.train.loop import Trainer, lr_factor
 from magic_mm.train.losses import caption_image_loss
 from magic_mm.train.mining import mine_hard_negatives
 from magic_mm.train.mixture import Pool, TrainData, item_from_json, item_to_json
@@ -104,6 +104,14 @@ class ContrastiveTrainer(Trainer):
     @property
     def total_steps(self) -> int:
         return self.config.steps + self.config.hard_negatives.steps
+
+    def _lr_factor(self, step: int) -> float:
+        hn, optim = self.config.hard_negatives, self.config.optim
+        if hn.schedule == "continue":
+            return super()._lr_factor(step)
+        if step < self.config.steps:
+            return lr_factor(step, self.config.steps, optim)
+        return hn.lr_scale * lr_factor(step - self.config.steps, hn.steps, optim)
 
     def uses_negatives(self, step: int) -> bool:
         """Whether step ``step`` adds each query's mined negatives to the batch."""
