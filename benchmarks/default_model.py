@@ -163,7 +163,7 @@ def markdown(rows: list[dict]) -> str:
         tokens = f"{r['visual_tokens']} ({r['visual_tokens_note']})" if "visual_tokens_note" in r else r["visual_tokens"]
         accuracy = "—" if r.get("label_accuracy") is None else f"{100 * r['label_accuracy']:.1f}"
         lines.append(f"| {r['row']} | {tokens} | {r['median_encode_ms']:.0f} | "
-                     + " | ".join(f"{100 * d[k]:.1f}" for d in (t, i) for k in KS) + f" | {accuracy} |")
+                     + " | ".join(f"{100 * d[f'R@{k}']:.1f}" for d in (t, i) for k in KS) + f" | {accuracy} |")
     return "\n".join(lines)
 
 

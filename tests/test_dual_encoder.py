@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import dual_encoder as de  # noqa: E402
-from default_model import compare, evaluate_row  # noqa: E402
+from default_model import compare, evaluate_row, markdown  # noqa: E402
 
 from magic_mm.data.captions import CaptionedImage  # noqa: E402
 from magic_mm.errors import ModelFolderError  # noqa: E402
@@ -118,6 +118,8 @@ def test_save_load_round_trip_and_table_row(toy: dict, tmp_path: Path) -> None:
     right = [np.argmax(loaded.encode(json.loads(line)["tgt_text"], role="query") @ v) == 0
              for line, v in zip(lines, image_vectors)]
     assert row["label_accuracy"] == pytest.approx(np.mean(right))
+    line = markdown([row]).splitlines()[-1]
+    assert line.startswith("| dual | 0 (no LM) |") and line.endswith(f"| {100 * row['label_accuracy']:.1f} |")
     # paired comparisons read the per-query ranks: a row against itself differs by exactly nothing,
     # against a row that misses every query at rank 1 by minus its R@1
     assert all(d == {"difference": 0.0, "ci95": [0.0, 0.0]} for d in compare(row, row, 100).values())
