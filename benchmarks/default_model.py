@@ -167,6 +167,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def row_number(rows: list[dict], position: int) -> str:
+    """The number a row's label starts with ("7. dual encoder" → "7"), else its 1-based position."""
+    first = rows[position]["row"].split(" ", 1)[0].rstrip(".")
+    return first if first[:1].isdigit() else str(position + 1)
+
+
 def compare(a: dict, b: dict, resamples: int) -> dict:
     """Row b minus row a on the same queries: R@1 / R@5 differences with paired bootstrap 95 % CIs."""
     out = {}
@@ -214,7 +220,7 @@ def main() -> None:
     for a, b in pairs:
         diffs = compare(rows[a], rows[b], args.resamples)
         comparisons.append({"from": rows[a]["row"], "to": rows[b]["row"], **diffs})
-        print(f"  row {b + 1} − row {a + 1}: " + ", ".join(
+        print(f"  row {row_number(rows, b)} − row {row_number(rows, a)}: " + ", ".join(
             f"{name} {100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
             for name, d in diffs.items() if name != "image_to_text R@1"))
     if args.out:
