@@ -186,6 +186,9 @@ def test_calibrated_threshold_undoes_a_yes_bias():
     ("stage: stage2\nsnapshot_steps: [0]", "snapshot_steps"),
     ("stage: stage2\nhard_negatives: {schedule: cyclic}", "schedule"),
     ("stage: stage2\nhard_negatives: {lr_scale: 0}", "lr_scale"),
+    ("stage: stage2\noptim: {lr: fast}", "optim.lr: expected a number, got 'fast'"),
+    ("stage: stage2\nsteps: 2.5", "steps: expected a whole number"),
+    ("stage: stage2\nsteps: true", "steps: expected a number"),
 ])
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path, body, match):
     path = tmp_path / "c.yaml"
@@ -218,6 +221,10 @@ def test_config_overrides_merge_nested_keys(tmp_path):
         parse_overrides(["optim.lr"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(path, overrides=parse_overrides(["optim.lrr=1"]))
+    # YAML 1.1 reads 1e-3 (no dot) as a string: numeric fields take it as the number it spells
+    config = load_config(path, overrides=parse_overrides(["optim.lr=1e-3", "steps=12", "temperature=5e-2"]))
+    assert (config.optim.lr, config.steps, config.temperature) == (1e-3, 12, 0.05)
+    assert isinstance(config.optim.lr, float) and isinstance(config.steps, int)
 
 
 def test_cli_stop_after_saves_a_checkpoint_and_the_same_command_resumes(run_cli, toy_data, toy_grids, tmp_path):

@@ -217,12 +217,33 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
             kwargs[key] = [from_dict(item, v, f"{where}.{key}[{n}]") for n, v in enumerate(value)]
         elif getattr(hint, "__origin__", None) is tuple and isinstance(value, list):
             kwargs[key] = tuple(value)
+        elif hint in (int, float):
+            kwargs[key] = number(value, hint, f"{where}.{key}")
         else:
             kwargs[key] = value
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def number(value: Any, kind: type, where: str) -> int | float:
+    """``value`` as ``kind``.  YAML 1.1 reads ``1e-4`` (no dot) as a string, so numeric strings
+    are accepted; anything else is a config error naming the key."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        converted: float = value
+    else:
+        try:
+            converted = float(value) if isinstance(value, str) else float("nan")
+        except ValueError:
+            converted = float("nan")
+        if converted != converted:  # NaN: not a number
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if kind is int:
+        if converted != int(converted):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return int(converted)
+    return float(converted)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
