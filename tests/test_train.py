@@ -189,6 +189,7 @@ def test_calibrated_threshold_undoes_a_yes_bias():
     ("stage: stage2\noptim: {lr: fast}", "optim.lr: expected a number, got 'fast'"),
     ("stage: stage2\nsteps: 2.5", "steps: expected a whole number"),
     ("stage: stage2\nsteps: true", "steps: expected a number"),
+    ("stage: stage2\ntemperature: .inf", "temperature: expected a number"),
 ])
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path, body, match):
     path = tmp_path / "c.yaml"

@@ -8,6 +8,7 @@ are an error so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
@@ -229,21 +230,20 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
 
 def number(value: Any, kind: type, where: str) -> int | float:
     """``value`` as ``kind``.  YAML 1.1 reads ``1e-4`` (no dot) as a string, so numeric strings
-    are accepted; anything else is a config error naming the key."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        converted: float = value
-    else:
-        try:
-            converted = float(value) if isinstance(value, str) else float("nan")
-        except ValueError:
-            converted = float("nan")
-        if converted != converted:  # NaN: not a number
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+    are accepted; anything else (a word, a bool, inf, nan) is a config error naming the key."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if kind is int else float(value)
+    try:
+        converted = float(value) if isinstance(value, (float, str)) else math.nan
+    except ValueError:
+        converted = math.nan
+    if not math.isfinite(converted):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
     if kind is int:
-        if converted != int(converted):
+        if not converted.is_integer():
             raise ConfigError(f"{where}: expected a whole number, got {value!r}")
         return int(converted)
-    return float(converted)
+    return converted
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
