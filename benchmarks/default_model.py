@@ -190,14 +190,14 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/flickr8k-1k"))
     parser.add_argument("--split", default="test")
     parser.add_argument("--row", action="append", required=True, help="LABEL=MODEL[@COMPRESSION]")
-    parser.add_argument("--labels", type=Path, default=REPO / "tasks-classification.yaml",
+    parser.add_argument("--labels", default=str(REPO / "tasks-classification.yaml"),
                         help="label-prompt classification tasks file for the labels column ('' for none)")
     parser.add_argument("--compare", action="append", default=[], metavar="A:B",
                         help="also compare row B with row A (1-based), beyond each row with the one before")
     parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples per comparison")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
-    labels = args.labels if str(args.labels) else None
+    labels = Path(args.labels) if args.labels else None  # Path("") would be the current folder
     pairs = [(n - 1, n) for n in range(1, len(args.row))]
     for pair in args.compare:
         a, _, b = pair.partition(":")
