@@ -1,6 +1,6 @@
 """How many of stage 2's mined hard negatives are in fact matches?  For a caption → photo
 sub-dataset of a stage-2 run, the captions judge (the photo's other human captions through
-MiniLM, 93.5 % accurate on val pairs) reads each query against each mined negative photo, and,
+MiniLM, 93.1 % accurate on val pairs) reads each query against each mined negative photo, and,
 for comparison, against the same number of photos drawn at random from the pool.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/mined_false_negatives.py \\
@@ -20,7 +20,8 @@ import numpy as np
 
 from magic_mm.train.config import load_config
 from magic_mm.train.mixture import TrainData
-from magic_mm.train.reference_judge import DEFAULT_CUT, ReferenceCaptionJudge
+from magic_mm.train.judge import decide
+from magic_mm.train.reference_judge import ReferenceCaptionJudge
 from magic_mm.train.stage2 import NEGATIVES_FILE, negatives_from_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +41,7 @@ def main() -> None:
     mined = negatives_from_json(json.loads((args.run / NEGATIVES_FILE).read_text()))[args.dataset]
     rows = {row.index: row for row in data.readers[data.names.index(args.dataset)]}
     pool = sorted({row.positive.image for row in rows.values()})
-    judge = ReferenceCaptionJudge(args.references, "{query}")
+    judge = ReferenceCaptionJudge(args.references, "{query}")  # the question is the caption itself
     rng = np.random.default_rng(args.seed)
     verdicts: dict[str, list[bool]] = {"mined": [], "random": []}
     for index, negatives in mined.items():
@@ -48,7 +49,7 @@ def main() -> None:
         others = [p for p in pool if p != row.positive.image]
         randoms = [others[i] for i in rng.choice(len(others), size=len(negatives), replace=False)]
         for kind, photos in (("mined", [n.image for n in negatives]), ("random", randoms)):
-            verdicts[kind] += [judge.similarity(row.query.text, photo) > DEFAULT_CUT for photo in photos]
+            verdicts[kind] += [decide(*judge.logits(row.query.text, photo)) for photo in photos]  # stage 3's rule
     window = config.hard_negatives.window
     print(f"{args.run} / {args.dataset}: {len(mined)} queries, {len(verdicts['mined'])} mined negatives "
           f"(ranks {window[0]}-{window[1]} of {len(pool)} photos)")
