@@ -15,7 +15,7 @@ from PIL import Image
 from magic_mm.train.config import ConfigError, TrainConfig, from_dict, load_config
 from magic_mm.train.judge import CachedJudge, Judge, decide, openai_yes_no
 from magic_mm.train.losses import group_mask, info_nce
-from magic_mm.train.mining import eligible_ranking, mine_hard_negatives, sample_window
+from magic_mm.train.mining import eligible_ranking, mine_hard_negatives, positive_aware_caps, sample_window
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 30),
            "black": (10, 10, 10), "white": (245, 245, 245), "purple": (140, 30, 160), "orange": (250, 140, 20)}
@@ -113,6 +113,29 @@ def test_mining_samples_only_inside_the_window():
         row = mine_hard_negatives(scores, [0], groups, window=(50, 100), count=2, seed=seed)[0]
         # group 0 (the ground truth at rank 0) is removed, so ranks shift by one
         assert all(51 <= c <= 100 for c in row) and len(set(row)) == 2
+
+
+def test_positive_aware_mining_skips_candidates_near_the_positive():
+    # the positive (candidate 3) scores 0.5; candidates 0-2 score above 0.95 * 0.5 and are
+    # likely unlabelled matches, so the window starts at candidate 4
+    scores = np.array([[0.9, 0.6, 0.48, 0.5, 0.47, 0.3, 0.2, 0.1]])
+    caps = positive_aware_caps(scores, [3], 0.95)
+    assert caps == pytest.approx([0.475])
+    plain = mine_hard_negatives(scores, [3], list(range(8)), window=(0, 2), count=2, seed=0)[0]
+    aware = mine_hard_negatives(scores, [3], list(range(8)), window=(0, 2), count=2, seed=0, score_caps=caps)[0]
+    assert sorted(plain) == [0, 1] and sorted(aware) == [4, 5]
+    # a positive scoring below zero caps at its own score rather than above it
+    assert positive_aware_caps(np.array([[0.1, -0.2]]), [1], 0.95) == pytest.approx([-0.2])
+
+
+def test_positive_aware_ratio_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match="max_positive_ratio"):
+        from_dict(TrainConfig, {"stage": "stage2", "output": str(tmp_path),
+                                "hard_negatives": {"max_positive_ratio": 1.5}}, "test").validate()
+    config = from_dict(TrainConfig, {"stage": "stage2", "output": str(tmp_path),
+                                     "hard_negatives": {"max_positive_ratio": "0.95"}}, "test")
+    config.validate()
+    assert config.hard_negatives.max_positive_ratio == 0.95
 
 
 def test_small_pool_slides_the_window_to_its_end():

@@ -58,6 +58,9 @@ class HardNegativeConfig:
     # the hard-negative one peaking at lr_scale × the optimiser's rates.
     schedule: str = "continue"
     lr_scale: float = 1.0
+    # positive-aware mining: skip candidates scoring above this share of the query's positive
+    # (NV-Retriever uses 0.95); None keeps every candidate the window reaches
+    max_positive_ratio: float | None = None
 
 
 @dataclass
@@ -159,6 +162,9 @@ class TrainConfig:
             raise ConfigError(f"hard_negatives.schedule {self.hard_negatives.schedule!r}: use continue or restart")
         if not self.hard_negatives.lr_scale > 0:
             raise ConfigError(f"hard_negatives.lr_scale {self.hard_negatives.lr_scale}: must be > 0")
+        ratio = self.hard_negatives.max_positive_ratio
+        if ratio is not None and not 0 < ratio <= 1:
+            raise ConfigError(f"hard_negatives.max_positive_ratio {ratio}: use a share in (0, 1], e.g. 0.95")
         if self.optim.schedule not in ("cosine", "constant"):
             raise ConfigError(f"optim.schedule {self.optim.schedule!r}: use cosine or constant")
         if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
@@ -220,12 +226,21 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
             kwargs[key] = tuple(value)
         elif hint in (int, float):
             kwargs[key] = number(value, hint, f"{where}.{key}")
+        elif value is not None and optional_number(hint):
+            kwargs[key] = number(value, optional_number(hint), f"{where}.{key}")
         else:
             kwargs[key] = value
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def optional_number(hint: Any) -> type | None:
+    """``int`` or ``float`` for an ``int | None`` / ``float | None`` field, else None."""
+    args = set(getattr(hint, "__args__", ()))
+    kinds = args - {type(None)}
+    return next(iter(kinds)) if type(None) in args and len(kinds) == 1 and kinds <= {int, float} else None
 
 
 def number(value: Any, kind: type, where: str) -> int | float:

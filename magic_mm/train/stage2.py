@@ -31,7 +31,7 @@ from magic_mm.train import distributed
 from magic_mm.train.gradcache import contrastive_backward
 from magic_mm.train.loop import Trainer, lr_factor
 from magic_mm.train.losses import caption_image_loss
-from magic_mm.train.mining import mine_hard_negatives
+from magic_mm.train.mining import mine_hard_negatives, positive_aware_caps
 from magic_mm.train.mixture import Pool, TrainData, item_from_json, item_to_json
 
 NEGATIVES_FILE = "hard_negatives.json"
@@ -138,8 +138,10 @@ class ContrastiveTrainer(Trainer):
             groups = list(range(len(pool.candidates)))
             rng_seed = [self.config.seed, d]
             for n, (chunk, scores) in enumerate(self.pool_scores(pool, list(range(len(pool.rows))))):
-                picks = mine_hard_negatives(scores, [pool.owner[q] for q in chunk], groups, hn.window, hn.count,
-                                            seed=rng_seed + [n])
+                owners = [pool.owner[q] for q in chunk]  # each query's positive: a candidate index
+                caps = None if hn.max_positive_ratio is None else positive_aware_caps(scores, owners, hn.max_positive_ratio)
+                picks = mine_hard_negatives(scores, owners, groups, hn.window, hn.count, seed=rng_seed + [n],
+                                            score_caps=caps)
                 mined.update({pool.rows[q]: [pool.candidates[c] for c in m] for q, m in zip(chunk, picks)})
             out[name] = mined
         return out
