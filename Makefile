@@ -85,7 +85,7 @@ default-model-table: minilm
 		--row "1. untrained parts=base" \
 		--row "2. stage 2, in-batch negatives (400 steps)=$(DEFAULT_RUN)/stage2-s2/model-in-batch" \
 		--row "3. + global hard negatives (50 steps)=$(DEFAULT_RUN)/stage2-s2/model" \
-		--row "4. + stage 3, judged negatives (20 steps), shipped=$(DEFAULT_RUN)/stage3-s2/model" \
+		--row "4. + stage 3, judged negatives (480 queries, 60 steps), shipped=$(DEFAULT_RUN)/stage3-s2/model" \
 		--row "5. row 4 + reranker on the top 5=rerank:$(DEFAULT_RUN)/stage3-s2/model+$(DEFAULT_RUN)/reranker-s2/model" \
 		--row "7. dual encoder (EfficientNet-Lite0 + MiniLM, linear heads)=dual:$(DUAL_RUN)/model"
 
