@@ -1,6 +1,6 @@
 """How many of stage 2's mined hard negatives are in fact matches?  For a caption → photo
 sub-dataset of a stage-2 run, the captions judge (the photo's other human captions through
-MiniLM, 93.1 % accurate on val pairs) reads each query against each mined negative photo, and,
+MiniLM, 93.0 % accurate on val pairs) reads each query against each mined negative photo, and,
 for comparison, against the same number of photos drawn at random from the pool.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/mined_false_negatives.py \\
