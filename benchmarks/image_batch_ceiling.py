@@ -1,7 +1,7 @@
 """How much can micro-batching speed up image candidates on this CPU, with no server in the way?
 
-Times magic-mm-tiny's candidate path for photos (vision encoder, connector, LM; the server's
-``_embed_raw`` steps) per image, interleaved in each round:
+Times magic-mm-tiny's candidate path for photos (vision encoder, connector, LM), through the
+server's own batch pass (``Service._embed_raw``), per image, interleaved in each round:
 
 - one image per call (what a one-at-a-time server does), on all intra-op threads;
 - all images in one call (a full micro-batch), on all intra-op threads;
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from magic_mm import MagicEmbedder
-from magic_mm.model.lm_batch import build_lm_batch, hidden_states
-from magic_mm.model.prompts import IMAGE, build_prompt
+from magic_mm.serve.app import Service
+from magic_mm.serve.limits import ServeSettings
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "flickr8k-1k" / "images"
 
@@ -45,16 +45,11 @@ def main() -> None:
     if len(paths) < 2:
         parser.error(f"--data {args.data}: needs at least 2 .jpg photos")
     items = model.prepare(paths)  # decoded and resized once: only the model is timed
-    instruction = model.config.instructions.get("candidate", "")
     threads = torch.get_num_threads()
+    service = Service(model, args.model, None, ServeSettings())  # the server's own batch pass
 
     def encode(batch: list) -> np.ndarray:
-        prompts = [[item.image if s is IMAGE else s for s in build_prompt("candidate", instruction, None, True).segments]
-                   for item in batch]
-        with torch.inference_mode():
-            lm_batch = build_lm_batch(model.backbone, prompts)
-            states = hidden_states(model.backbone, lm_batch)
-            return states[torch.arange(len(batch)), lm_batch.last_token].float().numpy()
+        return service._embed_raw(batch, [("candidate", None)] * len(batch))
 
     workers = ThreadPoolExecutor(2)
 
