@@ -25,8 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from magic_mm import MagicEmbedder  # noqa: E402
 from magic_mm.data.captions import read_captioned_images  # noqa: E402
-from magic_mm.model.generative import GenExample, build_batch  # noqa: E402
-from magic_mm.model.lm_batch import IGNORE, hidden_states  # noqa: E402
+from magic_mm.model.generative import GenExample, answer_log_likelihoods, build_batch  # noqa: E402
 from magic_mm.progress import progress  # noqa: E402
 from magic_mm.train.features import VisionCache  # noqa: E402
 
@@ -38,13 +37,7 @@ def caption_log_likelihoods(generator: MagicEmbedder, photos: list, caption: str
     """log P(caption | photo) for each (cached) photo, summed over the caption's tokens."""
     batch = build_batch(generator, [GenExample([photo, "\n", prompt + "\n"], caption) for photo in photos])
     with torch.inference_mode():
-        states = hidden_states(generator.backbone, batch)
-        targets = batch.labels[:, 1:]
-        predicts = targets != IGNORE  # position t predicts token t + 1
-        logits = generator.backbone.lm_head(states[:, :-1][predicts]).float()
-        token_ll = -torch.nn.functional.cross_entropy(logits, targets[predicts], reduction="none")
-        rows = torch.arange(len(photos))[:, None].expand_as(targets)[predicts]
-        return torch.zeros(len(photos)).index_add_(0, rows, token_ll).numpy()
+        return answer_log_likelihoods(generator, batch).numpy()
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import torch
 from conftest import make_image
 from family_checks import tiny
 from magic_mm.model.backbones.base import ImageTokens, VisionGrid
-from magic_mm.model.generative import GenExample, answer_loss, build_batch, logits
+from magic_mm.model.generative import GenExample, answer_log_likelihoods, answer_loss, build_batch, logits
 from magic_mm.model.lm_batch import IGNORE, build_lm_batch
 
 # (family, variant): every family, and each Qwen-VL generation
@@ -82,6 +82,7 @@ def test_uncompressed_generative_logits_equal_the_transformers_forward(family, v
         ours = logits(model, batch)
         reference = reference_logits(model, image)
         loss = answer_loss(model, batch)
+        per_row = answer_log_likelihoods(model, batch)
     n = len(reference)
     assert int(batch.lengths[0]) == n and int(batch.lengths[1]) > n  # row 0 is padded
     torch.testing.assert_close(ours[0, :n], reference, atol=1e-4, rtol=1e-4)
@@ -93,6 +94,8 @@ def test_uncompressed_generative_logits_equal_the_transformers_forward(family, v
     expected_row1 = torch.nn.functional.cross_entropy(ours[1, :-1][row1], batch.labels[1, 1:][row1], reduction="sum")
     expected = (expected_row0 + expected_row1) / (answer.sum() + row1.sum())
     torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-4)
+    # per row, the same tokens summed: each row's answer log-likelihood, unmixed with the other row's
+    torch.testing.assert_close(per_row, -torch.stack([expected_row0, expected_row1]), atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("family", "variant"), FAMILIES, ids=IDS)

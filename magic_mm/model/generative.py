@@ -46,11 +46,25 @@ def answer_loss(model: MagicEmbedder, batch: LMBatch) -> torch.Tensor:
     576 × 49k matrix for SmolLM2) runs only at the positions that predict an answer token,
     not at every prompt and visual token, which made it most of a reranker step's cost.
     """
+    out, targets, _ = _answer_logits(model, batch)
+    return torch.nn.functional.cross_entropy(out, targets)
+
+
+def answer_log_likelihoods(model: MagicEmbedder, batch: LMBatch) -> torch.Tensor:
+    """``(B,)`` log-probability of each row's whole answer (summed over its tokens)."""
+    out, targets, predicts = _answer_logits(model, batch)
+    token_ll = -torch.nn.functional.cross_entropy(out, targets, reduction="none")
+    rows = predicts.nonzero()[:, 0]  # each answer token's row, in the same row-major order
+    return torch.zeros(len(predicts), device=token_ll.device).index_add_(0, rows, token_ll)
+
+
+def _answer_logits(model: MagicEmbedder, batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 logits at the positions that predict an answer token, those tokens, and the
+    ``(B, L - 1)`` mask of those positions."""
     states = hidden_states(model.backbone, batch)
     targets = batch.labels[:, 1:]
     predicts = targets != IGNORE  # position t predicts token t + 1
-    out = model.backbone.lm_head(states[:, :-1][predicts])
-    return torch.nn.functional.cross_entropy(out.float(), targets[predicts])
+    return model.backbone.lm_head(states[:, :-1][predicts]).float(), targets[predicts], predicts
 
 
 def token_id(model: MagicEmbedder, word: str) -> int:

@@ -226,8 +226,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
             kwargs[key] = tuple(value)
         elif hint in (int, float):
             kwargs[key] = number(value, hint, f"{where}.{key}")
-        elif value is not None and optional_number(hint):
-            kwargs[key] = number(value, optional_number(hint), f"{where}.{key}")
+        elif value is not None and (kind := optional_number(hint)):
+            kwargs[key] = number(value, kind, f"{where}.{key}")
         else:
             kwargs[key] = value
     try:
