@@ -188,7 +188,7 @@ def actor_pids() -> set[int]:
 
 
 def test_worker_actors_killed_mid_job_lose_and_duplicate_nothing(ray_session, photo_folder, tiny_composed,
-                                                                  tmp_path):
+                                                                 tmp_path):
     from magic_mm.bulk import worker_resources
     from magic_mm.index.ray_engine import index_paths_ray
 
