@@ -94,6 +94,12 @@ def ranked(states: dict, top: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cosine, cosine.argsort(dim=1, descending=True)[:, :top]
 
 
+def reranker_scores(states: dict, cosine: torch.Tensor, head: CrossHead, q: int,
+                    candidates: torch.Tensor) -> torch.Tensor:
+    """The embedder's cosine / TAU plus the head's correction, for one query's candidates."""
+    return cosine[q, candidates] / TAU + head(states["tokens"][q], states["visual"][candidates])
+
+
 def top5_hits(states: dict, head: CrossHead) -> tuple[np.ndarray, np.ndarray]:
     """Per query, 1 if rank 1 is the positive: the embedder alone, and cosine / TAU + head over its top 5."""
     cosine, top = ranked(states, EVAL_TOP)
@@ -102,7 +108,7 @@ def top5_hits(states: dict, head: CrossHead) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
         for q, candidates in enumerate(top):
             positive = int(states["owner"][q])
-            scores = cosine[q, candidates] / TAU + head(states["tokens"][q], states["visual"][candidates])
+            scores = reranker_scores(states, cosine, head, q, candidates)
             alone[q] = candidates[0] == positive
             fused[q] = candidates[int(scores.argmax())] == positive
     head.train()
@@ -113,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--embedder", default="magic-mm-tiny")
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/flickr8k-1k"))
-    parser.add_argument("--cache", type=Path, help="keep the token states here and reuse them")
+    parser.add_argument("--cache", type=Path, help="keep the token states here and reuse them (made by the same --embedder)")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=1)
@@ -142,7 +148,7 @@ def main() -> None:
                 positive, candidates = int(train["owner"][q]), top[q]
                 if positive not in candidates.tolist():
                     candidates = torch.cat([candidates[:-1], torch.tensor([positive])])
-                scores = cosine[q, candidates] / TAU + head(train["tokens"][q], train["visual"][candidates])
+                scores = reranker_scores(train, cosine, head, q, candidates)
                 target = torch.tensor([candidates.tolist().index(positive)])
                 loss = loss + F.cross_entropy(scores[None], target)
             optimizer.zero_grad()
