@@ -34,6 +34,7 @@ from magic_mm.train.features import VisionCache  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 TRAIN_TOP, EVAL_TOP, TAU = 10, 5, 0.05
+BATCH = 16  # train captions per optimiser step
 
 
 def token_states(embedder: MagicEmbedder, data: str, split: str) -> dict:
@@ -119,7 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--embedder", default="magic-mm-tiny")
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/flickr8k-1k"))
-    parser.add_argument("--cache", type=Path, help="keep the token states here and reuse them (made by the same --embedder)")
+    parser.add_argument("--cache", type=Path,
+                        help="keep the token states here and reuse them (made by the same --embedder)")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=1)
@@ -142,9 +144,9 @@ def main() -> None:
           f"over {len(train['photo'])} train photos; top-{EVAL_TOP} R@1 below, embedder alone → reranked")
     for epoch in range(1, args.epochs + 1):
         order, total = torch.randperm(len(top)), 0.0
-        for start in range(0, len(order), 16):
+        for start in range(0, len(order), BATCH):
             loss = torch.zeros(())
-            for q in order[start : start + 16].tolist():
+            for q in order[start : start + BATCH].tolist():
                 positive, candidates = int(train["owner"][q]), top[q]
                 if positive not in candidates.tolist():
                     candidates = torch.cat([candidates[:-1], torch.tensor([positive])])
@@ -152,7 +154,7 @@ def main() -> None:
                 target = torch.tensor([candidates.tolist().index(positive)])
                 loss = loss + F.cross_entropy(scores[None], target)
             optimizer.zero_grad()
-            (loss / 16).backward()
+            (loss / BATCH).backward()
             optimizer.step()
             total += loss.item()
         alone, fused = top5_hits(states["val"], head)
