@@ -46,14 +46,72 @@ def test_folded_encoder_equals_unfolded_in_fp32(size):
     torch.testing.assert_close(got_nhwc, want, atol=1e-5, rtol=0)
 
 
-def test_same_padding_uses_the_convs_own_padding_where_symmetric():
+REAL_PAD = torch.nn.functional.pad  # kept before the spy below stands in for it
+
+
+@pytest.mark.parametrize("size", [(224, 224), (223, 223), (64, 77), (2, 3)])
+def test_same_conv_never_pads_its_input_and_equals_tf_padding(size, monkeypatch):
     net = efficientnet_lite.EfficientNetLite0()
     convs = [m for m in net.modules() if isinstance(m, efficientnet_lite.SameConv2d)]
-    for conv in convs:
-        assert conv.symmetric == (conv.stride == (1, 1))  # every stride-1 conv: no F.pad
     stride2 = [c for c in convs if c.stride == (2, 2)]
-    assert len(stride2) == 5 and stride2[0].same_pad(448, 448) == (0, 1, 0, 1)
-    assert stride2[0].same_pad(447, 447) == (1, 1, 1, 1)  # TF: odd input pads symmetrically
+    assert len(stride2) == 5
+    assert stride2[0].same_padding(448, 448) == ((1, 1), (1, 1))  # lopsided: grown kernel
+    assert stride2[0].same_padding(447, 448) == ((1, 1), (0, 1))  # odd height pads evenly
+    assert convs[1].same_padding(448, 448) == ((1, 1), (0, 0))  # stride-1 3×3: its own padding
+    padded = []
+
+    def spy_pad(tensor, *args, **kwargs):
+        padded.append(tensor.data_ptr())
+        return REAL_PAD(tensor, *args, **kwargs)
+
+    gen = torch.Generator().manual_seed(0)
+    for conv in stride2 + convs[:3]:
+        x = torch.randn(1, conv.in_channels, *size, generator=gen)
+        with torch.no_grad():
+            want = efficientnet_lite.conv_with_padded_input(conv, x)
+            monkeypatch.setattr(efficientnet_lite.F, "pad", spy_pad)
+            got = conv(x)
+            monkeypatch.setattr(efficientnet_lite.F, "pad", REAL_PAD)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    kernels = {conv.weight.data_ptr() for conv in convs}
+    assert set(padded) <= kernels  # only kernels were grown, never an input padded
+    assert bool(padded) == any(side % 2 == 0 for side in size)  # lopsided TF padding: even sides
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_relu6_is_taken_on_cpu_and_equals_the_two_step_form(dtype, monkeypatch):
+    net = efficientnet_lite.load_variant("efficientnet-lite0-random", fold=True).to(dtype)
+    net = net.to(memory_format=torch.channels_last)
+    pixels = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2)).to(dtype)
+    pixels = pixels.contiguous(memory_format=torch.channels_last)
+    fused_calls = []
+    real = efficientnet_lite.conv_relu6
+
+    def spy(conv, x):
+        fused_calls.append(efficientnet_lite.fused_relu6_applies(conv, x))
+        return real(conv, x)
+
+    monkeypatch.setattr(efficientnet_lite, "conv_relu6", spy)
+    with torch.no_grad():
+        fused = net.features(pixels)
+    # stem + head + 16 depthwise + 15 expand convolutions, every one fused.
+    assert fused_calls == [True] * 33
+    monkeypatch.setattr(efficientnet_lite, "fused_relu6_applies", lambda conv, x: False)
+    with torch.no_grad():
+        two_step = net.features(pixels)
+    assert fused.abs().max() > 0.1
+    assert torch.equal(fused, two_step)  # bit-equal: the clamp is exact either way
+
+
+def test_fused_relu6_steps_aside_when_a_gradient_is_needed():
+    conv = efficientnet_lite.SameConv2d(3, 8, 3, stride=2, bias=True)
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    assert not efficientnet_lite.fused_relu6_applies(conv, x)
+    efficientnet_lite.conv_relu6(conv, x).sum().backward()  # the two-step form has a backward
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert efficientnet_lite.fused_relu6_applies(conv, x)
 
 
 def test_folded_equals_unfolded_with_the_imagenet_weights():

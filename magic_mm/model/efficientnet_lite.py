@@ -39,41 +39,91 @@ VARIANTS = ("efficientnet-lite0", "efficientnet-lite0-random")
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow's "same" padding, computed from the input size.
+    """Conv2d with TensorFlow's "same" padding, computed from the input size, without ever
+    making a padded copy of the input.
 
-    Where "same" padding is symmetric (every stride-1 convolution: 1×1 needs none, an odd
-    k×k needs (k-1)/2 on each side) it is the convolution's own ``padding=``, so no padded
-    copy of the input is made.  Only stride-2 convolutions, whose TF padding puts the
-    extra pixel on the bottom/right, pad with ``F.pad``; that pad depends on the input
-    size, and is computed once per size.
+    TF splits a total pad ``p`` into ``before = p // 2`` and ``after = p - before``, so
+    ``after`` is ``before`` (every stride-1 convolution, and stride 2 on odd sizes) or
+    ``before + 1`` (stride 2 on even sizes: the extra pixel on the bottom/right). The
+    convolution's own symmetric ``padding=after`` is used in both cases. In the second it
+    would start every window one pixel early, so the kernel is grown by a zero row/column at
+    its top/left, which moves the window's taps back. The sums are the same: bit-equal to an
+    ``F.pad`` in float32, and in bfloat16 for the depthwise convolutions. It saves the pad's
+    fill and copy, which cost 4–6× the whole stride-2 depthwise convolution (docs/speed.md).
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        kh, kw = self.kernel_size
-        self.symmetric = self.stride == (1, 1) and kh % 2 == 1 and kw % 2 == 1
-        if self.symmetric:
-            self.padding = ((kh - 1) // 2, (kw - 1) // 2)
-        self._pads: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        self._same: dict[tuple[int, int], tuple[tuple[int, int], tuple[int, int]]] = {}
 
-    def same_pad(self, ih: int, iw: int) -> tuple[int, int, int, int]:
-        """``F.pad``'s (left, right, top, bottom) for an ``ih``×``iw`` input."""
-        pad = self._pads.get((ih, iw))
-        if pad is None:
-            kh, kw = self.kernel_size
-            sh, sw = self.stride
-            pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
-            pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-            pad = self._pads[(ih, iw)] = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
-        return pad
+    def same_padding(self, ih: int, iw: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """For an ``ih``×``iw`` input: the ``padding=`` (rows, columns) to convolve with, and
+        the zero rows and columns (0 or 1) to grow the kernel by at its top/left."""
+        args = self._same.get((ih, iw))
+        if args is None:
+            padding, grow = [], []
+            for size, kernel, stride in zip((ih, iw), self.kernel_size, self.stride):
+                total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+                before = total // 2
+                padding.append(total - before)
+                grow.append(total - 2 * before)
+            args = self._same[(ih, iw)] = ((padding[0], padding[1]), (grow[0], grow[1]))
+        return args
+
+    def same_weight_and_padding(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The weight (grown where the padding is lopsided) and ``padding=`` for input ``x``."""
+        padding, (grow_h, grow_w) = self.same_padding(x.shape[-2], x.shape[-1])
+        weight = self.weight
+        if grow_h or grow_w:
+            grown = F.pad(weight, (grow_w, 0, grow_h, 0))  # a few hundred numbers: cheap per call
+            channels_last = weight.is_contiguous(memory_format=torch.channels_last)
+            weight = grown.contiguous(memory_format=torch.channels_last) if channels_last else grown
+        return weight, padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.symmetric:
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        pad = self.same_pad(x.shape[-2], x.shape[-1])
-        if any(pad):
-            x = F.pad(x, pad)
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        weight, padding = self.same_weight_and_padding(x)
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+def conv_with_padded_input(conv: SameConv2d, x: torch.Tensor) -> torch.Tensor:
+    """TF "same" padding as its definition: ``F.pad`` the input, then convolve. What
+    ``SameConv2d`` must equal (tests), and how it ran before the grown kernels (benchmarks)."""
+    pad_h, pad_w = (max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+                    for size, kernel, stride in zip(x.shape[-2:], conv.kernel_size, conv.stride))
+    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+def fused_relu6_applies(conv: SameConv2d, x: torch.Tensor) -> bool:
+    """Whether ``conv_relu6`` can run as one oneDNN call: a CPU tensor in float32 or bfloat16,
+    with no gradient to track (the fused op has no backward; the encoder is frozen, so only a
+    caller asking for pixel gradients is refused)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+    )
+
+
+def conv_relu6(conv: SameConv2d, x: torch.Tensor) -> torch.Tensor:
+    """``relu6(conv(x))``. On a CPU the clamp runs inside oneDNN's convolution (a post-op),
+    bit-equal to the two-step form and without its extra pass over a 96×224×224 map: the
+    separate clamp took 16% of the vision encoder's time (docs/speed.md)."""
+    if not fused_relu6_applies(conv, x):
+        return F.relu6(conv(x))
+    weight, padding = conv.same_weight_and_padding(x)
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, weight, conv.bias, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
+        "hardtanh", [0.0, 6.0], "")
+
+
+def conv_bn_relu6(conv: SameConv2d, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``relu6(bn(conv(x)))``, fused where BatchNorm is folded (``bn`` is the identity)."""
+    if isinstance(bn, nn.Identity):
+        return conv_relu6(conv, x)
+    return F.relu6(bn(conv(x)))
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -121,8 +171,8 @@ class MBConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
         if self.has_expand:
-            out = F.relu6(self._bn0(self._expand_conv(out)))
-        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+            out = conv_bn_relu6(self._expand_conv, self._bn0, out)
+        out = conv_bn_relu6(self._depthwise_conv, self._bn1, out)
         out = self._bn2(self._project_conv(out))
         return out + x if self.use_skip else out
 
@@ -174,10 +224,10 @@ class EfficientNetLite0(nn.Module):
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` normalised pixels → ``(B, 1280, H/32, W/32)``."""
-        x = F.relu6(self._bn0(self._conv_stem(pixels)))
+        x = conv_bn_relu6(self._conv_stem, self._bn0, pixels)
         for block in self._blocks:
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)))
+        return conv_bn_relu6(self._conv_head, self._bn1, x)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (used only to check the weights)."""
