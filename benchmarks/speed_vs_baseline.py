@@ -17,6 +17,10 @@ the machine hits every variant alike.  Printed:
 * with ``--index``: wall time of ``magic-mm index IMAGES --db NEW_DB`` (the first step of
   ``make demo``: model load included, as a user waits for it), old and new alternating.
 
+Both code versions load the same weights: ``--model``, by default the folder this checkout
+ships as ``magic-mm-tiny`` (the old code's own ``magic-mm-tiny`` is an older training run, and
+its vectors would differ for that reason alone).
+
 Variants: ``old`` (a8da1f2, float32), ``new`` (defaults: dtype auto), ``new-fp32``
 (``--dtype float32``: the layout/folding/threading gains alone), ``new-autocast``
 (float32 weights under ``torch.autocast(bfloat16)``, the alternative to bf16 weights) and
@@ -41,7 +45,7 @@ VARIANTS = ("old", "new", "new-fp32", "new-autocast", "new-nothreads")
 
 
 # -- worker ------------------------------------------------------------------------------
-def worker(variant: str) -> None:
+def worker(variant: str, model_folder: str) -> None:
     import contextlib
 
     import numpy as np
@@ -56,7 +60,7 @@ def worker(variant: str) -> None:
     kwargs = {}
     if variant in ("new-fp32", "new-autocast"):
         kwargs["dtype"] = "float32"
-    model = MagicEmbedder.from_pretrained("magic-mm-tiny", **kwargs)
+    model = MagicEmbedder.from_pretrained(model_folder, **kwargs)
     if variant == "new-nothreads":
         model.decode_threads = 0
     context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if variant == "new-autocast" \
@@ -87,12 +91,13 @@ def worker(variant: str) -> None:
 
 
 class Worker:
-    def __init__(self, variant: str, old_root: Path) -> None:
+    def __init__(self, variant: str, old_root: Path, model_folder: Path) -> None:
         root = old_root if variant == "old" else REPO
         env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         env.pop("MAGIC_MM_DTYPE", None)
         self.variant = variant
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", variant],
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", variant,
+                                      "--model", str(model_folder)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      cwd=str(root))
         self.info = json.loads(self._read("READY "))
@@ -123,7 +128,7 @@ def encode_bench(args: argparse.Namespace) -> dict:
     images = sorted((DATA / "images").glob("*.jpg"))[args.offset : args.offset + args.images]
     captions = [line.split(",", 1)[1].strip().strip('"')
                 for line in (DATA / "captions.csv").read_text().splitlines()[1:]][: args.queries]
-    workers = [Worker(v, args.old) for v in args.variants]
+    workers = [Worker(v, args.old, args.model) for v in args.variants]
     out = tempfile.mkdtemp(prefix="speed-vs-baseline-")
     try:
         for w in workers:  # warm-up (first-call allocations, oneDNN kernel creation)
@@ -167,8 +172,8 @@ def index_bench(args: argparse.Namespace) -> dict:
             env.pop("MAGIC_MM_DTYPE", None)
             with tempfile.TemporaryDirectory(prefix=f"index-{variant}-") as tmp:
                 cmd = [sys.executable, "-m", "magic_mm.cli", "index", str(DATA / "images"), "--db",
-                       f"{tmp}/x.lance", "--quiet", "--json"] + (["--limit", str(args.index_limit)]
-                                                                  if args.index_limit else [])
+                       f"{tmp}/x.lance", "--model", str(args.model), "--quiet", "--json"]
+                cmd += ["--limit", str(args.index_limit)] if args.index_limit else []
                 start = time.perf_counter()
                 proc = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True)
                 elapsed = time.perf_counter() - start
@@ -184,6 +189,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--old", type=Path, default=Path("/tmp/magic-old"), help="checkout of a8da1f2")
+    parser.add_argument("--model", type=Path, default=REPO / "magic_mm" / "default_model",
+                        help="model folder both code versions load (default: this checkout's magic-mm-tiny)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--offset", type=int, default=0, help="skip this many photos (sorted by name)")
@@ -197,7 +204,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="write the JSON result here")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker)
+        worker(args.worker, str(args.model))
         return
     if not (args.old / "magic_mm").is_dir():
         sys.exit(f"{args.old}: no old checkout; run `git worktree add {args.old} a8da1f2`")

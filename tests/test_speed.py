@@ -13,6 +13,7 @@ import torch
 from magic_mm import MagicEmbedder
 from magic_mm.errors import UserError
 from magic_mm.model import dtypes, efficientnet_lite
+from magic_mm.model import packed_linear as packed_linear_module
 from tests.conftest import make_image
 
 
@@ -123,6 +124,69 @@ def test_folded_equals_unfolded_with_the_imagenet_weights():
         want, got = plain.features(pixels), folded.features(pixels)
     # fp32 rounding only: within 1e-5 of the output's scale (ReLU6: at most 6).
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+# -- the LM's packed linears --------------------------------------------------------------
+def packed_linear(dtype: torch.dtype = torch.bfloat16) -> packed_linear_module.PackedLinear:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48).to(dtype)
+    assert packed_linear_module.pack_linears(layer) == 1
+    return layer
+
+
+def test_packed_linear_multiplies_by_its_packed_weight_in_bf16():
+    layer = packed_linear()
+    x = torch.randn(2, 22, 64).bfloat16()
+    with torch.no_grad():
+        got = layer(x)
+    assert layer._packed is not None and layer._packed.layout == torch._mkldnn  # the packed path ran
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1.6e-2, atol=1e-2)
+    with torch.no_grad():
+        layer.weight.mul_(-1)  # changed in place: the packed copy must follow
+        flipped = layer(x)
+    torch.testing.assert_close(flipped, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1.6e-2, atol=1e-2)
+
+
+def test_packed_linear_is_plain_in_float32_and_when_a_gradient_is_needed():
+    fp32 = packed_linear(torch.float32)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(fp32(x), torch.nn.functional.linear(x, fp32.weight, fp32.bias))
+    assert fp32._packed is None
+    bf16 = packed_linear()
+    bf16(torch.randn(3, 64).bfloat16()).sum().backward()  # weight.requires_grad: the plain path
+    assert bf16._packed is None and bf16.weight.grad is not None
+
+
+def test_packed_linear_copies_and_pickles_without_its_packed_weight():
+    import copy
+    import pickle
+
+    layer = packed_linear()
+    x = torch.randn(4, 64).bfloat16()
+    with torch.no_grad():
+        want = layer(x)
+    assert layer._packed is not None  # oneDNN's opaque tensor, which cannot be copied
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone._packed is None and set(clone.state_dict()) == {"weight", "bias"}
+        with torch.no_grad():
+            assert torch.equal(clone(x), want)
+    assert layer._packed is not None  # the original keeps its own
+
+
+def test_bf16_on_a_cpu_packs_the_lms_linears_and_float32_does_not():
+    bf16 = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="bfloat16")
+    fp32 = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="float32")
+    packed = {name: m for name, m in bf16.backbone.decoder.named_modules()
+              if isinstance(m, packed_linear_module.PackedLinear)}
+    assert packed and not any(type(m) is torch.nn.Linear for m in bf16.backbone.decoder.modules())
+    assert not any(isinstance(m, packed_linear_module.PackedLinear) for m in fp32.modules())
+    vectors = bf16.encode(["a dog runs on the beach", make_image(1)], role="candidate")
+    # The LM ran packed (merged LoRA adapters, if any, are not called and stay unpacked).
+    assert all(m._packed is not None for name, m in packed.items() if "lora_" not in name)
+    reference = fp32.encode(["a dog runs on the beach", make_image(1)], role="candidate")
+    cosine = (vectors * reference).sum(1)
+    assert cosine.min() > 0.99
 
 
 # -- dtype per device -------------------------------------------------------------------

@@ -31,6 +31,7 @@ from magic_mm.model.config import (
 from magic_mm.model.dtypes import resolve_dtype
 from magic_mm.model.inputs import MAX_IMAGE_PIXELS, PreparedInput, as_input, prepare
 from magic_mm.model.lm_batch import LMBatch, build_lm_batch, hidden_states
+from magic_mm.model.packed_linear import pack_linears
 from magic_mm.model.prompts import IMAGE, ROLES, Role, build_prompt
 
 TINY_RANDOM_PREFIX = "tiny-random-"
@@ -156,7 +157,10 @@ class MagicEmbedder(torch.nn.Module):
             # (in float32, before the cast: one rounding, and 2/3 fewer LM matmuls).  Train from
             # a float32 model (the training loop loads one), where LoRA stays separate.
             model.merge_lora()
-        return model.to(device=target, dtype=run_dtype).eval()
+        model = model.to(device=target, dtype=run_dtype).eval()
+        if target.type == "cpu" and run_dtype == torch.bfloat16:
+            pack_linears(model.backbone.decoder)  # the LM's products, with weights packed once
+        return model
 
     def merge_lora(self) -> int:
         """Add every LoRA delta into its base weight, in place (inference only: merged
