@@ -373,3 +373,30 @@ def test_cpu_vision_calls_are_capped_and_give_the_same_grids(tiny_composed, monk
     assert calls[3:] == [5]
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a.features, b.features, rtol=1e-4, atol=1e-4)  # batch invariance, as elsewhere
+
+
+def test_bench_counts_the_flops_of_the_fused_onednn_ops(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from magic_mm.eval.bench import count_fused_onednn_ops
+
+    count_fused_onednn_ops()
+    net = efficientnet_lite.load_variant("efficientnet-lite0-random", fold=True)
+    pixels = torch.randn(1, 3, 64, 64)
+    layer = packed_linear()
+    x = torch.randn(2, 5, 64).bfloat16()
+
+    def flops() -> tuple[int, int]:
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as vision:
+                net.features(pixels)
+            with FlopCounterMode(display=False) as linear:
+                layer(x)
+        return vision.get_total_flops(), linear.get_total_flops()
+
+    fused = flops()
+    assert layer._packed is not None  # the fused/packed ops ran and were counted
+    monkeypatch.setattr(efficientnet_lite, "fused_relu6_applies", lambda conv, x: False)
+    monkeypatch.setattr(packed_linear_module.PackedLinear, "_packed_weight", lambda self, x: None)
+    plain = flops()  # aten's own convolution and linear formulas
+    assert fused == plain and plain[1] == 2 * 10 * 64 * 48

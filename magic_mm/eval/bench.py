@@ -324,6 +324,31 @@ def matmul_peak(device: Any = "cpu", reps: int = 5) -> dict[str, float]:
     return out
 
 
+_FUSED_OPS_COUNTED = False
+
+
+def count_fused_onednn_ops() -> None:
+    """Teach ``FlopCounterMode`` the fused oneDNN ops magic-mm's CPU path calls: the vision
+    encoder's convolution + ReLU6 and the LM's packed linears (their default overloads, the
+    ones called). It knows only the plain aten ops and would count those parts as zero."""
+    global _FUSED_OPS_COUNTED
+    if _FUSED_OPS_COUNTED:
+        return
+    import torch
+    from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
+    @register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
+    def _conv(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return conv_flop_count(x_shape, w_shape, out_shape)
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _linear(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        rows = int(np.prod(x_shape[:-1]))
+        return 2 * rows * int(w_shape[1]) * int(w_shape[0])  # weight (out, in), packed or not
+
+    _FUSED_OPS_COUNTED = True
+
+
 class PartClock:
     """Times (or counts the FLOPs of) the vision encoder and the LM inside ``encode`` calls.
 
@@ -344,6 +369,8 @@ class PartClock:
 
     def __enter__(self) -> PartClock:
         from torch.utils.flop_counter import FlopCounterMode
+
+        count_fused_onednn_ops()
 
         original = self.backbone.vision_grid
 
