@@ -109,7 +109,7 @@ def test_save_load_round_trip_and_table_row(toy: dict, tmp_path: Path) -> None:
     (tmp_path / "labels.yaml").write_text("tasks:\n  - name: colours\n    file: labels.jsonl\n    meta: classification\n")
     row = evaluate_row("dual", f"dual:{tmp_path / 'model'}", items, pairs.captions, pairs.owner, tmp_path / "labels.yaml")
     assert row["visual_tokens"] == 0 and row["visual_tokens_note"] == "no LM"
-    assert row["median_encode_ms"] > 0
+    assert row["median_encode_ms"] > 0 and row["images_per_s_batch16"] > 0
     expected = de.split_recalls(heads, toy["features"])
     assert row["text_to_image"] == pytest.approx(expected["text_to_image"])
     assert row["image_to_text"] == pytest.approx(expected["image_to_text"])

@@ -145,6 +145,10 @@ def test_packed_linear_multiplies_by_its_packed_weight_in_bf16():
         layer.weight.mul_(-1)  # changed in place: the packed copy must follow
         flipped = layer(x)
     torch.testing.assert_close(flipped, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1.6e-2, atol=1e-2)
+    layer.weight = torch.nn.Parameter(torch.randn(48, 64).bfloat16(), requires_grad=False)  # replaced
+    with torch.no_grad():
+        replaced = layer(x)
+    torch.testing.assert_close(replaced, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1.6e-2, atol=1e-2)
 
 
 def test_packed_linear_is_plain_in_float32_and_when_a_gradient_is_needed():

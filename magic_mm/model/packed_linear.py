@@ -3,8 +3,8 @@
 ``F.linear`` in bf16 on a CPU hands oneDNN a plain row-major weight, which it reorders into
 its blocked (AMX/VNNI) layout on every call. For the short sequences an embedder runs (a
 22-token query, a 58-token candidate) that reorder is a large share of each matrix product:
-packing the weight once makes the LM's products 1.3–1.45× faster at those lengths, with the
-same results (docs/speed.md, ``benchmarks/lm_linear_packing.py``).
+packing the weight once makes the LM's products 1.2–1.46× faster at those lengths, each with
+the same numbers as ``F.linear`` (docs/speed.md, ``benchmarks/lm_linear_packing.py``).
 """
 
 from __future__ import annotations
@@ -24,24 +24,26 @@ class PackedLinear(nn.Linear):
     """An ``nn.Linear`` that, for CPU bf16 inference, multiplies by a packed copy of its weight.
 
     The packed copy is made on the first call that can use it, and made again if the weight
-    has changed in place since (its version counter moved). Every other call (float32, a GPU,
+    has changed since: replaced by another tensor, or changed in place (its version counter
+    moved). Every other call (float32, a GPU,
     a gradient to track) is a plain ``F.linear``. The packed copy is a cache: it is not in the
     state dict, and copies or pickles of the module drop it (oneDNN's opaque tensors cannot be
     copied) and rebuild it when first used.
     """
 
     _packed: torch.Tensor | None = None
-    _packed_version: int = -1
+    _packed_from: tuple[int, int] = (0, -1)  # (data pointer, version) of the weight packed
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         weight = self.weight
         if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
             return None
-        if self._packed is None or self._packed_version != weight._version:
+        source = (weight.data_ptr(), weight._version)
+        if self._packed is None or self._packed_from != source:
             with torch.no_grad():
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-            self._packed_version = weight._version
+            self._packed_from = source
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +55,7 @@ class PackedLinear(nn.Linear):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_packed", None)
-        state.pop("_packed_version", None)
+        state.pop("_packed_from", None)
         return state
 
 
