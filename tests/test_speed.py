@@ -178,17 +178,19 @@ def test_packed_linear_copies_and_pickles_without_its_packed_weight():
     assert layer._packed is not None  # the original keeps its own
 
 
-def test_bf16_on_a_cpu_packs_the_lms_linears_and_float32_does_not():
-    bf16 = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="bfloat16")
-    fp32 = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="float32")
+@pytest.mark.parametrize("family", ["composed", "internvl", "qwen_vl", "idefics3"])
+def test_bf16_on_a_cpu_packs_the_lms_linears_and_float32_does_not(family):
+    bf16 = MagicEmbedder.from_pretrained(f"tiny-random-{family}", dtype="bfloat16")
+    fp32 = MagicEmbedder.from_pretrained(f"tiny-random-{family}", dtype="float32")
     packed = {name: m for name, m in bf16.backbone.decoder.named_modules()
               if isinstance(m, packed_linear_module.PackedLinear)}
     assert packed and not any(type(m) is torch.nn.Linear for m in bf16.backbone.decoder.modules())
     assert not any(isinstance(m, packed_linear_module.PackedLinear) for m in fp32.modules())
-    vectors = bf16.encode(["a dog runs on the beach", make_image(1)], role="candidate")
+    inputs = ["a dog runs on the beach", make_image(1), (make_image(2), "two cats")]
+    vectors = bf16.encode(inputs, role="candidate")
     # The LM ran packed (merged LoRA adapters, if any, are not called and stay unpacked).
     assert all(m._packed is not None for name, m in packed.items() if "lora_" not in name)
-    reference = fp32.encode(["a dog runs on the beach", make_image(1)], role="candidate")
+    reference = fp32.encode(inputs, role="candidate")
     cosine = (vectors * reference).sum(1)
     assert cosine.min() > 0.99
 
