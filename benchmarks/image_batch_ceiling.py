@@ -4,8 +4,9 @@ Times magic-mm-tiny's candidate path for photos (vision encoder, connector, LM),
 server's own batch pass (``Service._embed_raw``), per image, interleaved in each round:
 
 - one image per call (what a one-at-a-time server does), on all intra-op threads;
-- all images in one call (a full micro-batch), on all intra-op threads;
-- the batch split in two halves run at once on two single-threaded workers;
+- all images in one pass (a full micro-batch) on all intra-op threads (``image_workers=1``);
+- all images split over two model threads of one intra-op thread each, as the server does by
+  default (``image_workers=2``);
 - one image per call on one thread (the per-core cost).
 
 The batch/alone ratio is the ceiling for a micro-batching server on image requests: HTTP,
@@ -19,14 +20,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from magic_mm import MagicEmbedder
 from magic_mm.serve.app import Service
+from magic_mm.serve.batcher import BatchSettings
 from magic_mm.serve.limits import ServeSettings
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "flickr8k-1k" / "images"
@@ -46,16 +46,12 @@ def main() -> None:
         parser.error(f"--data {args.data}: needs at least 2 .jpg photos")
     items = model.prepare(paths)  # decoded and resized once: only the model is timed
     threads = torch.get_num_threads()
-    service = Service(model, args.model, None, ServeSettings())  # the server's own batch pass
 
-    def encode(batch: list) -> np.ndarray:
-        return service._embed_raw(batch, [("candidate", None)] * len(batch))
+    def batch_pass(image_workers: int):  # noqa: ANN202
+        service = Service(model, args.model, None, ServeSettings(batch=BatchSettings(image_workers=image_workers)))
+        return lambda batch: service._embed_raw(batch, [("candidate", None)] * len(batch))  # the server's own pass
 
-    workers = ThreadPoolExecutor(2)
-
-    def split(batch: list) -> np.ndarray:
-        half = len(batch) // 2
-        return np.concatenate([f.result() for f in [workers.submit(encode, batch[:half]), workers.submit(encode, batch[half:])]])
+    encode, split = batch_pass(1), batch_pass(2)
 
     def per_image(fn, batch: list, n_threads: int) -> float:  # noqa: ANN001
         torch.set_num_threads(n_threads)
@@ -70,10 +66,10 @@ def main() -> None:
     variants = {
         f"one image per call, {threads} threads": (one_by_one, items[: max(2, len(items) // 2)], threads),
         f"{len(items)} images per call, {threads} threads": (encode, items, threads),
-        f"{len(items)} images, two 1-thread workers": (split, items, 1),
+        f"{len(items)} images, split over two 1-thread workers": (split, items, threads),
         "one image per call, 1 thread": (one_by_one, items[: max(2, len(items) // 4)], 1),
     }
-    encode(items[:2])  # warm-up
+    encode(items[:2]), split(items[:2])  # warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, (fn, batch, n) in variants.items():

@@ -4,9 +4,12 @@
     .venv/bin/python benchmarks/serve_load.py --mix text --rounds 5  # search-box queries only
     .venv/bin/python benchmarks/serve_load.py --images ../shared/data/flickr8k-1k/images --mix image
     .venv/bin/python benchmarks/serve_load.py --db magic.lance        # the mixed load adds /v1/search
+    .venv/bin/python benchmarks/serve_load.py --mix image --unsplit   # + image passes not split
 
 Two servers on 127.0.0.1 share one model: "one at a time" (max_batch=1: the model sees one
-request per forward pass) and "micro-batched" (--max-batch, --max-wait-ms).  Both get the
+request per forward pass) and "micro-batched" (--max-batch, --max-wait-ms, image passes split
+over --image-workers model threads).  --unsplit adds a third, micro-batched with each image
+pass in one piece, to the same rounds.  Both get the
 same load: --clients threads, each sending its requests back to back.  Each distinct
 request is first sent alone to both (unmeasured warm-up; the first server's answers are the
 single-request answers).  Then --rounds rounds alternate the two servers (one round: each
@@ -36,6 +39,7 @@ from magic_mm.serve.loadgen import (check_answers, deviation, file_data_url, ima
 from magic_mm.serve.runner import ServerThread
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+UNSPLIT = "micro-batched, one image pass"
 
 
 def main() -> None:
@@ -50,6 +54,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=BatchSettings.max_batch)
     parser.add_argument("--max-wait-ms", type=float, default=BatchSettings.max_wait_ms)
+    parser.add_argument("--image-workers", type=int, default=BatchSettings.image_workers,
+                        help="model threads an image pass is split over on a CPU (1: one pass)")
+    parser.add_argument("--unsplit", action="store_true",
+                        help="add a third server, micro-batched with image passes not split, to the same rounds")
     args = parser.parse_args()
 
     from magic_mm import MagicEmbedder
@@ -69,21 +77,28 @@ def main() -> None:
     if args.mix != "all":
         mixes = {args.mix: mixes[args.mix]}
 
-    variants = {"one at a time": 1, "micro-batched": args.max_batch}
+    # server name → (max_batch, image_workers)
+    variants = {"one at a time": (1, args.image_workers), "micro-batched": (args.max_batch, args.image_workers)}
+    if args.unsplit:
+        variants[UNSPLIT] = (args.max_batch, 1)
     apps = {name: create_app(embedder, model, store, ServeSettings(batch=BatchSettings(
-        max_batch=size, max_wait_ms=args.max_wait_ms, max_queue=4 * args.clients))) for name, size in variants.items()}
+        max_batch=size, max_wait_ms=args.max_wait_ms, max_queue=4 * args.clients, image_workers=workers)))
+        for name, (size, workers) in variants.items()}
     servers = {name: ServerThread(app) for name, app in apps.items()}
     for server in servers.values():
         server.__enter__()
     dtype = str(next(embedder.backbone.parameters()).dtype).removeprefix("torch.")
     print(f"{model} ({dtype}) · {args.clients} clients · {args.rounds} rounds × {args.per_client} requests per "
-          f"client per server · max_batch {args.max_batch}, max_wait {args.max_wait_ms:g} ms", flush=True)
+          f"client per server · max_batch {args.max_batch}, max_wait {args.max_wait_ms:g} ms, "
+          f"image passes split over {apps['micro-batched'].state.service.image_workers}", flush=True)
     try:
         rows = []
         for mix_name, mix in mixes.items():
             reference = [post(servers["one at a time"].url, path, body)[1] for path, body in mix]
-            for path, body in mix:  # warm-up of the other server
-                post(servers["micro-batched"].url, path, body)
+            for path, body in mix:  # warm-up of the other servers
+                for name in variants:
+                    if name != "one at a time":
+                        post(servers[name].url, path, body)
             passes: dict[str, list] = {name: [] for name in variants}
             before = {name: len(app.state.service.batcher.stats.sizes) for name, app in apps.items()}
             for r in range(args.rounds):
@@ -92,7 +107,8 @@ def main() -> None:
                     result = run_load(servers[name].url, mix, args.clients, args.per_client)
                     passes[name].append(result)
                     print(f"  {mix_name} round {r + 1} {name}: {result.throughput:.2f} requests/s", flush=True)
-            ratios = [b.throughput / s.throughput for s, b in zip(passes["one at a time"], passes["micro-batched"])]
+            ratios = {name: [b.throughput / s.throughput for s, b in zip(passes["one at a time"], passes[name])]
+                      for name in variants if name != "one at a time"}
             for name in variants:
                 results = passes[name]
                 sizes = apps[name].state.service.batcher.stats.sizes[before[name]:]
@@ -102,7 +118,7 @@ def main() -> None:
                              statistics.mean(sizes) if sizes else 0.0,
                              sum(len(check_answers(r, mix, reference)) for r in results),
                              max(deviation(r, mix, reference) for r in results),
-                             statistics.median(ratios) if name == "micro-batched" else None, ratios))
+                             statistics.median(ratios[name]) if name in ratios else None, ratios.get(name)))
     finally:
         for server in servers.values():
             server.__exit__(None, None, None)
@@ -116,7 +132,7 @@ def main() -> None:
     print()
     for mix_name, name, *_, ratio, ratios in rows:
         if ratio is not None:
-            print(f"{mix_name}: micro-batched / one at a time = {ratio:.2f}× (median; rounds: "
+            print(f"{mix_name}: {name} / one at a time = {ratio:.2f}× (median; rounds: "
                   + ", ".join(f"{x:.2f}" for x in ratios) + ")")
 
 

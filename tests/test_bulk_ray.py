@@ -187,18 +187,31 @@ def actor_pids() -> set[int]:
     return found
 
 
-def test_worker_actors_killed_mid_job_lose_and_duplicate_nothing(ray_session, photo_folder, tiny_composed,
+@pytest.fixture(scope="module")
+def long_job_folder(photo_folder, tmp_path_factory) -> Path:
+    """The photo folder with every photo in it four times (243 pages): enough work that the
+    actors are still embedding when the first pages are committed, however fast they run."""
+    folder = tmp_path_factory.mktemp("bulk-long") / "docs"
+    shutil.copytree(photo_folder, folder)
+    for photo in sorted(photo_folder.glob("*.jpg")):
+        for copy in range(1, 4):
+            shutil.copy(photo, folder / f"copy{copy}-{photo.name}")
+    return folder
+
+
+def test_worker_actors_killed_mid_job_lose_and_duplicate_nothing(ray_session, long_job_folder, tiny_composed,
                                                                  tmp_path):
     from magic_mm.bulk import worker_resources
     from magic_mm.index.ray_engine import index_paths_ray
 
+    pages = 4 * PHOTOS + PDF_PAGES
     db = tmp_path / "worker.lance"
     store = PageStore.open_or_create(db, ModelStamp.of(tiny_composed, MODEL))
     outcome: dict[str, object] = {}
 
     def job() -> None:
         try:
-            outcome["summary"] = index_paths_ray(MODEL, store, [photo_folder], worker_resources(WORKERS, 0, 1),
+            outcome["summary"] = index_paths_ray(MODEL, store, [long_job_folder], worker_resources(WORKERS, 0, 1),
                                                  "float32", batch_size=2)
         except BaseException as exc:  # reported by the assertion below
             outcome["error"] = exc
@@ -221,13 +234,13 @@ def test_worker_actors_killed_mid_job_lose_and_duplicate_nothing(ray_session, ph
         started_after |= actor_pids() - before
         thread.join(0.1)
     assert "error" not in outcome, outcome.get("error")
-    assert rows_at_kill < PAGES, "the worker was killed after the job's last commit"
+    assert rows_at_kill < pages, "the worker was killed after the job's last commit"
     assert started_after, "Ray did not start a worker in place of the killed ones"
     summary = outcome["summary"]
-    assert summary.failed == [] and summary.rows == summary.pages_embedded == PAGES
+    assert summary.failed == [] and summary.rows == summary.pages_embedded == pages
     counts = rows_per_page(db)
-    assert counts == expected_pages(photo_folder) and max(counts.values()) == 1
-    assert_vectors_equal_encode(db, photo_folder, tiny_composed)
+    assert counts == expected_pages(long_job_folder) and max(counts.values()) == 1
+    assert_vectors_equal_encode(db, long_job_folder, tiny_composed)
 
 
 def test_bulk_embed_equals_encode(ray_session, flickr_dir, tiny_composed):

@@ -286,3 +286,8 @@ def test_health_needs_no_key_but_reports_auth(guarded):
 def test_serve_command_refuses_a_missing_index(run_cli, tmp_path):
     code, _, err = run_cli("serve", "--db", tmp_path / "nothing.lance", "--port", "0")
     assert code == 2 and "no index there" in err
+
+
+def test_serve_command_refuses_zero_image_workers(run_cli):
+    code, _, err = run_cli("serve", "--image-workers", "0", "--port", "0")
+    assert code == 2 and "--image-workers" in err

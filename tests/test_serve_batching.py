@@ -14,7 +14,7 @@ import pytest
 from conftest import make_image
 from serve_helpers import MODEL, data_url, post
 
-from magic_mm.model.inputs import MMInput
+from magic_mm.model.inputs import MMInput, prepare
 from magic_mm.serve.app import create_app
 from magic_mm.serve.batcher import BatchSettings
 from magic_mm.serve.limits import ServeSettings
@@ -119,3 +119,50 @@ def test_usage_counts_do_not_run_the_vision_encoder(servers, tiny_composed):
         del backbone.vision_grid
     assert status == 200 and answer["usage"]["prompt_tokens"] == backbone.visual_tokens(64, 100)
     assert calls == [1]  # the embedding itself, nothing else
+
+
+def test_an_image_pass_is_split_over_single_threaded_workers_with_the_same_answers(tiny_composed, monkeypatch):
+    import torch
+
+    from magic_mm.serve.app import Service
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as on a 2-core CPU, whatever runs the tests
+    split = Service(tiny_composed, MODEL, None, ServeSettings(batch=BatchSettings(image_workers=2)))
+    whole = Service(tiny_composed, MODEL, None, ServeSettings(batch=BatchSettings(image_workers=1)))
+    monkeypatch.undo()
+    assert (split.image_workers, whole.image_workers) == (2, 1)
+    ran = []
+    inner = split._embed_in_batches
+
+    def spy(items, prompts):
+        ran.append((threading.current_thread().name, len(items), torch.get_num_threads()))
+        return inner(items, prompts)
+
+    split._embed_in_batches = spy
+    try:
+        items = [split.ready(prepare(make_image(60, 50, seed=60 + i))) for i in range(5)]
+        prompts = [("candidate", None)] * 4 + [("query", "Find it.")]
+        got = split._embed_raw(items, prompts)
+        texts = split._embed_raw([prepare("a dog")] * 3, [("query", None)] * 3)
+    finally:
+        split.close()
+    # Two parts (3 + 2 images), each on its own worker thread with 1 of the 2 intra-op threads;
+    # the text pass stayed on the calling thread.
+    assert sorted(n for _, n, _ in ran[:2]) == [2, 3]
+    assert all(name.startswith("magic-mm-image") and threads == 1 for name, _, threads in ran[:2])
+    assert ran[2][0] == threading.current_thread().name and ran[2][1] == 3
+    np.testing.assert_allclose(got, whole._embed_raw(items, prompts), atol=1e-5, rtol=0)
+    assert texts.shape[0] == 3
+    # Closed (the server stopped): later passes still run, unsplit, on the calling thread.
+    assert split.image_workers == 1
+    np.testing.assert_allclose(split._embed_raw(items[:2], prompts[:2]), got[:2], atol=1e-5, rtol=0)
+    assert ran[-1][0] == threading.current_thread().name
+
+
+def test_no_image_workers_on_too_few_threads(tiny_composed, monkeypatch):
+    import torch
+
+    from magic_mm.serve.app import Service
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert Service(tiny_composed, MODEL, None, ServeSettings(batch=BatchSettings(image_workers=2))).image_workers == 1

@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
@@ -50,6 +51,17 @@ THUMBNAIL_SIZE = 256
 ROLES = ("query", "candidate")
 
 
+def image_worker_pool(embedder: MagicEmbedder, workers: int) -> ThreadPoolExecutor | None:
+    """Threads that run parts of an image pass side by side, each with an equal share of torch's
+    intra-op threads (the count is per thread, so the rest of the server keeps all of them).
+    None where splitting cannot help: one worker asked for, a GPU, or fewer threads than workers."""
+    threads = torch.get_num_threads()
+    if workers < 2 or embedder.backbone.device.type != "cpu" or threads < workers:
+        return None
+    return ThreadPoolExecutor(workers, thread_name_prefix="magic-mm-image",
+                              initializer=torch.set_num_threads, initargs=(threads // workers,))
+
+
 class Service:
     """Everything the endpoints share: the model, its batcher, the index, the settings."""
 
@@ -63,11 +75,34 @@ class Service:
         self._reranker_lock = threading.RLock()  # the reranker is not the batcher's model; one call at a time
         self._visual_tokens: dict[tuple[tuple[int, int], ...], int] = {}
         self._visual_tokens_lock = threading.Lock()
+        self._image_workers = image_worker_pool(embedder, settings.batch.image_workers)
+
+    @property
+    def image_workers(self) -> int:
+        """Model threads an image pass is split over (1: not split)."""
+        return self.settings.batch.image_workers if self._image_workers is not None else 1
+
+    def close(self) -> None:
+        """Stop the image workers; later passes run unsplit on the calling thread."""
+        pool, self._image_workers = self._image_workers, None
+        if pool is not None:
+            pool.shutdown()
 
     def _embed_raw(self, items: list[PreparedInput], prompts: list[tuple[str, str | None]]) -> np.ndarray:
-        """Raw vectors of ``items``, each under its own (role, instruction) prompt, in batches of max_batch.
+        """Raw vectors of ``items``, each under its own (role, instruction) prompt.
 
-        ``MagicEmbedder.embed_prepared`` with one prompt per input instead of one per call, so the
+        A pass of two or more images is split over the image workers when there are any
+        (``BatchSettings.image_workers``); everything else runs here, in batches of max_batch."""
+        pool = self._image_workers
+        if pool is None or len(items) < 2 or any(item.image is None for item in items):
+            return self._embed_in_batches(items, prompts)
+        parts = np.array_split(np.arange(len(items)), min(self.image_workers, len(items)))
+        futures = [pool.submit(self._embed_in_batches, [items[i] for i in part], [prompts[i] for i in part])
+                   for part in parts]
+        return np.concatenate([future.result() for future in futures])
+
+    def _embed_in_batches(self, items: list[PreparedInput], prompts: list[tuple[str, str | None]]) -> np.ndarray:
+        """``MagicEmbedder.embed_prepared`` with one prompt per input instead of one per call, so the
         batcher can put queries and candidates in the same forward pass; the load test and the
         round-trip test check that the vectors equal ``MagicEmbedder.encode``'s."""
         embedder, step = self.embedder, self.settings.batch.max_batch
@@ -166,6 +201,7 @@ def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = No
         service.batcher.start()
         yield
         service.batcher.stop()
+        service.close()
 
     app = FastAPI(title="magic-mm", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -180,7 +216,8 @@ def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = No
             "index": None if store is None else {"db": str(store.db_path), "rows": store.count()},
             "auth": settings.api_key is not None,
             "batching": {"max_batch": settings.batch.max_batch, "max_wait_ms": settings.batch.max_wait_ms,
-                         "max_queue": settings.batch.max_queue},
+                         "max_queue": settings.batch.max_queue,
+                         "image_workers": service.image_workers},
         }
 
     @app.get("/", response_class=HTMLResponse)

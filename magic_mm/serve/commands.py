@@ -34,6 +34,8 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="Inputs per micro-batched forward pass.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request waits for others to batch with.")] = 10.0,
     max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before new ones get 503.")] = 256,
+    image_workers: Annotated[int, typer.Option(
+        min=1, help="On a CPU, split each image pass over this many model threads (1: one pass).")] = 2,
 ) -> None:
     """Serve the OpenAI-compatible API (/v1/embeddings, /v1/rerank, /v1/search) and the web page (/)."""
     from magic_mm.index.search import check_same_model
@@ -56,7 +58,8 @@ def serve(
     settings = ServeSettings(
         api_key=key, max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
         max_image_pixels=max_image_pixels, max_inputs=max_inputs, allow_remote_images=allow_remote_images,
-        batch=BatchSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue))
+        batch=BatchSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                            image_workers=image_workers))
     if max_image_mb > max_body_mb:
         raise UserError("--max-image-mb is larger than --max-body-mb; an image that size could never arrive")
     err.print(f"magic-mm serving {model} on http://{host}:{port} (web page at /, API under /v1/)")
