@@ -9,10 +9,10 @@
 Two servers on 127.0.0.1 share one model: "one at a time" (max_batch=1: the model sees one
 request per forward pass) and "micro-batched" (--max-batch, --max-wait-ms, image passes split
 over --image-workers model threads).  --unsplit adds a third, micro-batched with each image
-pass in one piece, to the same rounds.  Both get the
+pass in one piece, to the same rounds.  All get the
 same load: --clients threads, each sending its requests back to back.  Each distinct
-request is first sent alone to both (unmeasured warm-up; the first server's answers are the
-single-request answers).  Then --rounds rounds alternate the two servers (one round: each
+request is first sent alone to each (unmeasured warm-up; the first server's answers are the
+single-request answers).  Then --rounds rounds alternate the servers (one round: each
 server gets --per-client requests from every client, in alternating order), because this
 machine is shared and its speed drifts: the ratio of each round compares two passes run
 back to back, and the table gives medians over rounds.
