@@ -38,6 +38,11 @@ PIXEL_STD = (0.5, 0.5, 0.5)
 VARIANTS = ("efficientnet-lite0", "efficientnet-lite0-random")
 
 
+def tf_same_total_pad(size: int, kernel: int, stride: int) -> int:
+    """TensorFlow's total "same" padding along one side of length ``size``."""
+    return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+
+
 class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow's "same" padding, computed from the input size, without ever
     making a padded copy of the input.
@@ -63,7 +68,7 @@ class SameConv2d(nn.Conv2d):
         if args is None:
             padding, grow = [], []
             for size, kernel, stride in zip((ih, iw), self.kernel_size, self.stride):
-                total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+                total = tf_same_total_pad(size, kernel, stride)
                 before = total // 2
                 padding.append(total - before)
                 grow.append(total - 2 * before)
@@ -88,7 +93,7 @@ class SameConv2d(nn.Conv2d):
 def conv_with_padded_input(conv: SameConv2d, x: torch.Tensor) -> torch.Tensor:
     """TF "same" padding as its definition: ``F.pad`` the input, then convolve. What
     ``SameConv2d`` must equal (tests), and how it ran before the grown kernels (benchmarks)."""
-    pad_h, pad_w = (max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    pad_h, pad_w = (tf_same_total_pad(size, kernel, stride)
                     for size, kernel, stride in zip(x.shape[-2:], conv.kernel_size, conv.stride))
     x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
     return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
