@@ -178,6 +178,69 @@ def test_packed_linear_copies_and_pickles_without_its_packed_weight():
     assert layer._packed is not None  # the original keeps its own
 
 
+def test_packed_rows_get_the_same_numbers_whatever_shares_their_call():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(576, 1536, bias=False).bfloat16()  # SmolLM2's gate/up shape
+    packed_linear_module.pack_linears(layer)
+    x = torch.randn(150, 576).bfloat16()
+    with torch.no_grad():
+        together = layer(x)
+        for rows in (1, 22, 58, 64, 100):  # a query, a candidate, one block, a block and a half
+            assert torch.equal(layer(x[:rows]), together[:rows]), rows
+        assert torch.equal(layer(x[40:41]), together[40:41])  # a row's place in its block does not matter
+        assert layer(x[:0]).shape == (0, 1536)
+
+
+def test_a_128_row_call_rounds_like_two_64_row_calls_for_every_shape_of_the_default_model(default_model):
+    """The premise of CALL_ROWS: oneDNN gives each row the same bf16 numbers in a 128-row call as
+    in a 64-row one, for every product magic-mm-tiny runs (the LM head, 576 × 49152, is never
+    called for an embedding)."""
+    shapes = {(m.in_features, m.out_features) for m in default_model.backbone.modules()
+              if isinstance(m, torch.nn.Linear) and m.out_features < 10_000}
+    assert (576, 1536) in shapes and (1280, 576) in shapes  # the LM's MLP and the connector
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    try:
+        for k, n in sorted(shapes):
+            weight = (torch.randn(n, k) * 0.05).bfloat16()
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            x = torch.randn(128, k).bfloat16()
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                one, halves = (torch.cat([torch.ops.mkldnn._linear_pointwise(c, packed, None, "none", [], "")
+                                          for c in x.split(size)]) for size in (128, 64))
+                assert torch.equal(one, halves), (k, n, count)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_row_lengths_come_from_either_kind_of_4d_mask():
+    from magic_mm.model.row_attention import row_lengths
+
+    lengths = torch.tensor([5, 2, 3])
+    keys = torch.arange(5)
+    causal = keys[None, :] <= keys[:, None]  # (Lq, Lk)
+    allowed = causal[None, None] & (keys[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, Lq, Lk)
+    assert row_lengths(allowed) == [5, 2, 3]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    assert row_lengths(additive) == [5, 2, 3]
+
+
+@pytest.mark.parametrize("family", ["composed", "internvl", "qwen_vl", "idefics3"])
+def test_bf16_vectors_do_not_depend_on_what_shares_the_batch(family):
+    from magic_mm.model.row_attention import ROWWISE_SDPA
+
+    model = MagicEmbedder.from_pretrained(f"tiny-random-{family}", dtype="bfloat16")
+    assert model.backbone.decoder.config._attn_implementation == ROWWISE_SDPA
+    # texts of different lengths (a right-padded batch) and images of different sizes
+    inputs = ["a dog", "two children play football in a park near the sea", make_image(1),
+              make_image(120, 40, seed=2), (make_image(3), "a cat on a mat")]
+    for role in ("query", "candidate"):
+        together = model.encode(inputs, role=role, batch_size=len(inputs), normalize=False)
+        alone = np.concatenate([model.encode([item], role=role, normalize=False) for item in inputs])
+        np.testing.assert_array_equal(together, alone)
+
+
 @pytest.mark.parametrize("family", ["composed", "internvl", "qwen_vl", "idefics3"])
 def test_bf16_on_a_cpu_packs_the_lms_linears_and_float32_does_not(family):
     bf16 = MagicEmbedder.from_pretrained(f"tiny-random-{family}", dtype="bfloat16")

@@ -33,6 +33,7 @@ from magic_mm.model.inputs import MAX_IMAGE_PIXELS, PreparedInput, as_input, pre
 from magic_mm.model.lm_batch import LMBatch, build_lm_batch, hidden_states
 from magic_mm.model.packed_linear import pack_linears
 from magic_mm.model.prompts import IMAGE, ROLES, Role, build_prompt
+from magic_mm.model.row_attention import use_rowwise_sdpa
 
 TINY_RANDOM_PREFIX = "tiny-random-"
 # Worker threads that decode and resize images while the model runs (PIL releases the GIL).
@@ -159,7 +160,10 @@ class MagicEmbedder(torch.nn.Module):
             model.merge_lora()
         model = model.to(device=target, dtype=run_dtype).eval()
         if target.type == "cpu" and run_dtype == torch.bfloat16:
-            pack_linears(model.backbone.decoder)  # the LM's products, with weights packed once
+            # Batch-invariant bf16: every product (LM, connector) packed once and run in fixed row
+            # blocks, and a padded batch's attention run row by row (docs/serving.md).
+            pack_linears(model.backbone)
+            use_rowwise_sdpa(model.backbone.decoder)
         return model
 
     def merge_lora(self) -> int:

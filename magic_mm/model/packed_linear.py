@@ -5,6 +5,14 @@ its blocked (AMX/VNNI) layout on every call. For the short sequences an embedder
 22-token query, a 58-token candidate) that reorder is a large share of each matrix product:
 packing the weight once makes the LM's products 1.2–1.46× faster at those lengths, each with
 the same numbers as ``F.linear`` (docs/speed.md, ``benchmarks/lm_linear_packing.py``).
+
+In bf16, oneDNN's summation order depends on how many rows a call has, so a token's output
+would change with the other inputs that share its batch (by up to one bf16 step). The packed
+path therefore pads the rows to a multiple of ``ROW_BLOCK`` and runs them in calls of 64 or
+128 rows: every row then gets the same numbers whatever shares its call, on 1 thread or 2
+(``benchmarks/row_blocks.py``, ``tests/test_speed.py``). With row-by-row attention on padded
+batches (``row_attention.py``) that makes bf16 embeddings batch-invariant, so the server's
+micro-batched answers equal its single-request ones bit for bit.
 """
 
 from __future__ import annotations
@@ -14,6 +22,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Rows are padded to a multiple of ROW_BLOCK (64: one s = 2 candidate of 58 tokens, or a query)
+# and multiplied in calls of CALL_ROWS. A 128-row call gives each row the same numbers as two
+# 64-row calls for every shape of magic-mm-tiny, on 1 and 2 threads, and is 5 % faster on a
+# batch of 16 photos; from 192 rows on, some shapes round differently (measured).
+ROW_BLOCK: int | None = 64  # None: one call of whatever rows come (benchmarks/row_blocks.py compares)
+CALL_ROWS = 128
 
 
 def packing_available() -> bool:
@@ -48,9 +63,19 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed_weight(x)
-        if packed is None:
+        if packed is None or x.numel() == 0:
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        rows = x.reshape(-1, x.shape[-1])
+        count = rows.shape[0]
+        if ROW_BLOCK is None:
+            calls = [rows]
+        else:
+            if count % ROW_BLOCK:
+                rows = torch.cat([rows, rows.new_zeros(ROW_BLOCK - count % ROW_BLOCK, rows.shape[1])])
+            calls = rows.split(CALL_ROWS)
+        out = torch.cat([torch.ops.mkldnn._linear_pointwise(call, packed, self.bias, "none", [], "")
+                         for call in calls])
+        return out[:count].reshape(*x.shape[:-1], out.shape[-1])
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

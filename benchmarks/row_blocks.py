@@ -1,0 +1,88 @@
+"""What fixed row blocks cost the packed bf16 products, and what they buy: batch invariance.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/row_blocks.py [--rounds 5]
+
+``magic-mm-tiny`` in bf16 with its ``PackedLinear``s run two ways, interleaved in one run: every
+product as one oneDNN call of the rows that come (``ROW_BLOCK = None``), and with the rows padded
+to a multiple of ``ROW_BLOCK`` and run in calls of at most ``CALL_ROWS`` (the default).
+Timed: one text query per call, one photo per call, 16 photos per call. Then, for each way, the largest difference of any vector component between
+inputs embedded alone and the same inputs inside one call with others: 16 photos, and 16
+captions of different lengths (right-padded in one batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from magic_mm import MagicEmbedder
+from magic_mm.model import packed_linear
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "flickr8k-1k"
+BLOCKED = packed_linear.ROW_BLOCK
+WAYS = {"one call per product": None, f"{BLOCKED}-row blocks": BLOCKED}
+
+
+def timed_ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000.0
+
+
+def largest_batch_difference(model: MagicEmbedder, items: list, role: str) -> float:
+    together = model.encode(items, role=role, batch_size=len(items), normalize=False)
+    alone = np.concatenate([model.encode([item], role=role, normalize=False) for item in items])
+    return float(np.abs(together - alone).max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    model = MagicEmbedder.from_pretrained("magic-mm-tiny", dtype="bfloat16")
+    photos = [Image.open(p).convert("RGB") for p in sorted((DATA / "images").glob("*.jpg"))[:16]]
+    captions = [line.split(",", 1)[1].strip().strip('"')
+                for line in (DATA / "captions.csv").read_text().splitlines()[1:17]]
+    jobs: dict[str, tuple[Callable[[], object], int]] = {
+        "one text query per call (ms)": (lambda: [model.encode([c], role="query") for c in captions[:8]], 8),
+        "one photo per call (ms / photo)": (lambda: [model.encode([p], role="candidate") for p in photos[:4]], 4),
+        "16 photos per call (ms / photo)": (lambda: model.encode(photos, role="candidate", batch_size=16), 16),
+    }
+    times: dict[tuple[str, str], list[float]] = {}
+    for way, block in WAYS.items():  # warm-up
+        packed_linear.ROW_BLOCK = block
+        for fn, _ in jobs.values():
+            fn()
+    for r in range(args.rounds):
+        for way in (list(WAYS) if r % 2 == 0 else list(WAYS)[::-1]):
+            packed_linear.ROW_BLOCK = WAYS[way]
+            for name, (fn, calls) in jobs.items():
+                times.setdefault((name, way), []).append(timed_ms(fn) / calls)
+    plain, blocked = WAYS
+    print(f"magic-mm-tiny, bf16, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds (medians)")
+    print(f"| job | {plain} | {blocked} | blocks / one call |")
+    print("|---|---:|---:|---:|")
+    for name in jobs:
+        a, b = statistics.median(times[(name, plain)]), statistics.median(times[(name, blocked)])
+        print(f"| {name} | {a:.1f} | {b:.1f} | {b / a:.2f}× |")
+    print("\nlargest |difference|, embedded alone against inside a call of 16")
+    print(f"| inputs | {plain} | {blocked} |")
+    print("|---|---:|---:|")
+    for label, items, role in (("16 photos", photos, "candidate"), ("16 captions", captions, "query")):
+        cells = []
+        for block in WAYS.values():
+            packed_linear.ROW_BLOCK = block
+            cells.append(f"{largest_batch_difference(model, items, role):.3g}")
+        print(f"| {label} | {' | '.join(cells)} |")
+    packed_linear.ROW_BLOCK = BLOCKED
+
+
+if __name__ == "__main__":
+    main()
