@@ -7,8 +7,10 @@ second in batches of 16, for each row.
 
 A row is ``LABEL=MODEL[@COMPRESSION]`` where MODEL is a saved folder, ``magic-mm-tiny``, or
 ``base`` (the untrained default parts).  ``LABEL=rerank:EMBEDDER+RERANKER`` reranks the
-embedder's top 5 (text→image) with a MagicReranker folder.  ``LABEL=dual:FOLDER`` evaluates the
-dual-encoder baseline saved by ``benchmarks/dual_encoder.py``: its encode time per image includes
+embedder's top 5 (text→image) with a reranker folder: a FusionReranker (``fusion_reranker.json``:
+the embedder's score + weight × a dual encoder's cosine) or a MagicReranker (``reranker.json``).
+``LABEL=dual:FOLDER`` evaluates the dual-encoder baseline saved by ``benchmarks/dual_encoder.py``
+(the model class is ``magic_mm.model.dual_encoder.DualEncoder``): its encode time per image includes
 EfficientNet-Lite0 and the head, like the other rows; it feeds no LM, so its visual tokens per
 image are reported as 0 (the image becomes one pooled 1280-d vector), marked "no LM" in the table
 and ``visual_tokens_note`` in the JSON.  All rows are measured in one run, one after another, so
@@ -28,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +117,33 @@ def label_accuracy(embedder, tasks: Path) -> float:  # noqa: ANN001
     return metrics[spec.primary]
 
 
+def reranked_top5(folder: str, scores: np.ndarray, top: np.ndarray, paths: list[Path],
+                  captions: list[str]) -> Iterator[list]:
+    """Each caption's reranked ``top`` row (hits index into it), with either kind of reranker folder:
+    a FusionReranker (``fusion_reranker.json``) gets the embedder's scores of the top 5 as its
+    first-stage scores; a MagicReranker (``reranker.json``) reads each (caption, photo) pair."""
+    from magic_mm.model.fusion_reranker import FUSION_FILE, FusionReranker
+
+    if (Path(folder) / FUSION_FILE).is_file():
+        reranker = FusionReranker.from_pretrained(folder)
+        # The dual encoder embeds each test image and caption once, not once per (query, candidate) pair;
+        # ``rank`` fuses those cosines with the first-stage scores exactly as ``rerank`` does.
+        images = reranker.dual.encode(paths, role="candidate", batch_size=16)
+        texts = reranker.dual.encode(captions, role="query", batch_size=64)
+        for q, row in enumerate(top):
+            yield reranker.rank(scores[q, row], images[row] @ texts[q])
+        return
+    from magic_mm import MagicReranker
+
+    from magic_mm.train.features import VisionCache
+
+    reranker = MagicReranker.from_pretrained(folder)
+    # The frozen vision encoder runs once per test image, not once per (query, candidate) pair.
+    grids = VisionCache().build(reranker.model.backbone, paths)
+    for q, row in enumerate(top):
+        yield reranker.rerank(captions[q], [grids.item(paths[c]) for c in row], top_k=5)
+
+
 def evaluate_row(label: str, spec: str, items, captions, owner, labels: Path | None) -> dict:  # noqa: ANN001
     paths = [i.path for i in items]
     rerank = None
@@ -121,7 +151,7 @@ def evaluate_row(label: str, spec: str, items, captions, owner, labels: Path | N
         spec, _, rerank = spec[len("rerank:"):].partition("+")
     dual = spec.startswith("dual:")
     if dual:
-        from dual_encoder import DualEncoder
+        from magic_mm.model.dual_encoder import DualEncoder
 
         embedder = DualEncoder.from_pretrained(spec[len("dual:"):])
     else:
@@ -133,19 +163,11 @@ def evaluate_row(label: str, spec: str, items, captions, owner, labels: Path | N
     scores = txt @ img.T
     t2i_first = first_ranks(scores, [{o} for o in owner])
     if rerank:
-        from magic_mm import MagicReranker
-
-        from magic_mm.train.features import VisionCache
-
-        reranker = MagicReranker.from_pretrained(rerank)
-        # The frozen vision encoder runs once per test image, not once per (query, candidate) pair.
-        grids = VisionCache().build(reranker.model.backbone, paths)
         reranked = scores.copy()
         top = np.argsort(-scores, axis=1, kind="stable")[:, :5]
-        for q, row in enumerate(top):
-            hits = reranker.rerank(captions[q], [grids.item(paths[c]) for c in row], top_k=5)
+        for q, hits in enumerate(reranked_top5(rerank, scores, top, paths, captions)):
             for place, hit in enumerate(hits):  # reranked top 5 above everything else, in the new order
-                reranked[q, row[hit.index]] = 1e3 - place
+                reranked[q, top[q, hit.index]] = 1e3 - place
         t2i_first = first_ranks(reranked, [{o} for o in owner])
     by_image: list[set[int]] = [set() for _ in items]
     for q, o in enumerate(owner):

@@ -10,6 +10,7 @@ from magic_mm.errors import UserError  # noqa: E402
 
 if TYPE_CHECKING:
     from magic_mm.model.embedder import MagicEmbedder
+    from magic_mm.model.fusion_reranker import FusionReranker
     from magic_mm.model.inputs import MMInput
     from magic_mm.model.reranker import MagicReranker
 
@@ -19,6 +20,7 @@ _LAZY = {
     "MagicEmbedder": "magic_mm.model.embedder",
     "MMInput": "magic_mm.model.inputs",
     "MagicReranker": "magic_mm.model.reranker",
+    "FusionReranker": "magic_mm.model.fusion_reranker",
 }
 
 
@@ -30,4 +32,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'magic_mm' has no attribute {name!r}")
 
 
-__all__ = ["MagicEmbedder", "MagicReranker", "MMInput", "UserError", "__version__"]
+__all__ = ["FusionReranker", "MagicEmbedder", "MagicReranker", "MMInput", "UserError", "__version__"]

@@ -1,5 +1,5 @@
-"""The dual-encoder baseline (benchmarks/dual_encoder.py) on tiny random parts: a random
-EfficientNet-Lite0 at 64 px and a 2-layer random BERT with the byte tokenizer."""
+"""The dual-encoder baseline (training: benchmarks/dual_encoder.py; model: magic_mm/model/dual_encoder.py)
+on tiny random parts: a random EfficientNet-Lite0 at 64 px and a 2-layer random BERT with the byte tokenizer."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from default_model import compare, evaluate_row, markdown  # noqa: E402
 
 from magic_mm.data.captions import CaptionedImage  # noqa: E402
 from magic_mm.errors import ModelFolderError  # noqa: E402
+from magic_mm.model import dual_encoder as dm  # noqa: E402
 from magic_mm.train.pairs import CaptionPairs  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220),
@@ -47,8 +48,8 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict:
         Image.fromarray(pixels).save(paths[-1])
         captions += [f"a {name} square", f"something painted {name}"]
         owner += [n, n]
-    config = de.DualConfig(vision="efficientnet-lite0-random", text=str(text_dir), image_size=64, dim=16)
-    encoders = de.FrozenEncoders(config)
+    config = dm.DualConfig(vision="efficientnet-lite0-random", text=str(text_dir), image_size=64, dim=16)
+    encoders = dm.FrozenEncoders(config)
     pairs = CaptionPairs(paths, captions, owner)
     return {"root": root, "config": config, "encoders": encoders, "pairs": pairs,
             "features": de.split_features(encoders, pairs, root / "features.safetensors", show=False)}
@@ -87,11 +88,11 @@ def test_feature_cache_is_reused_and_invalidated(toy: dict) -> None:
 
 def test_save_load_round_trip_and_table_row(toy: dict, tmp_path: Path) -> None:
     heads, summary = train(toy)
-    model = de.DualEncoder(toy["config"], heads, toy["encoders"], {"best_epoch": summary["best_epoch"]})
+    model = dm.DualEncoder(toy["config"], heads, toy["encoders"], {"best_epoch": summary["best_epoch"]})
     pairs = toy["pairs"]
     before = (model.encode(pairs.images, role="candidate"), model.encode(pairs.captions, role="query"))
     model.save_pretrained(tmp_path / "model")
-    loaded = de.DualEncoder.from_pretrained(tmp_path / "model")
+    loaded = dm.DualEncoder.from_pretrained(tmp_path / "model")
     assert loaded.config == toy["config"] and loaded.training["best_epoch"] == summary["best_epoch"]
     assert np.array_equal(loaded.encode(pairs.images, role="candidate"), before[0])
     assert np.array_equal(loaded.encode(pairs.captions, role="query"), before[1])
@@ -129,13 +130,48 @@ def test_save_load_round_trip_and_table_row(toy: dict, tmp_path: Path) -> None:
 
 def test_folder_that_is_not_a_dual_encoder(tmp_path: Path) -> None:
     with pytest.raises(ModelFolderError, match="not a dual-encoder folder"):
-        de.DualEncoder.from_pretrained(tmp_path)
-    (tmp_path / de.CONFIG_FILE).write_text(json.dumps({"format": "magic-mm", "config": {}}))
+        dm.DualEncoder.from_pretrained(tmp_path)
+    (tmp_path / dm.CONFIG_FILE).write_text(json.dumps({"format": "magic-mm", "config": {}}))
     with pytest.raises(ModelFolderError, match="format is 'magic-mm'"):
-        de.DualEncoder.from_pretrained(tmp_path)
-    (tmp_path / de.CONFIG_FILE).write_text(json.dumps({"format": de.FORMAT, "config": {}}))
+        dm.DualEncoder.from_pretrained(tmp_path)
+    (tmp_path / dm.CONFIG_FILE).write_text(json.dumps({"format": dm.FORMAT, "config": {}}))
     with pytest.raises(ModelFolderError, match="heads.safetensors is missing"):
-        de.DualEncoder.from_pretrained(tmp_path)
-    (tmp_path / de.CONFIG_FILE).write_text("{not json")
+        dm.DualEncoder.from_pretrained(tmp_path)
+    (tmp_path / dm.CONFIG_FILE).write_text("{not json")
     with pytest.raises(ModelFolderError, match="not valid JSON"):
-        de.DualEncoder.from_pretrained(tmp_path)
+        dm.DualEncoder.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1e3])
+def test_rerank_row_with_a_fusion_reranker_folder(toy: dict, tmp_path: Path, weight: float) -> None:
+    """``rerank:EMBEDDER+FOLDER`` with a FusionReranker folder: the embedder's top 5 of each caption,
+    reordered by its cosine + weight × this dual encoder's cosine (weight 0: the embedder's own order;
+    a large weight: the dual encoder's order within the top 5)."""
+    from default_model import encode_timed, first_ranks
+
+    from magic_mm import MagicEmbedder
+    from magic_mm.model.fusion_reranker import FusionReranker
+
+    heads, _ = train(toy)
+    dual = dm.DualEncoder(toy["config"], heads, toy["encoders"])
+    FusionReranker(dual, weight, {"split": "val"}).save_pretrained(tmp_path / "fusion")
+    pairs = toy["pairs"]
+    items = [CaptionedImage(p.name, p, pairs.captions[2 * n : 2 * n + 2]) for n, p in enumerate(pairs.images)]
+    row = evaluate_row("fused", f"rerank:tiny-random-composed+{tmp_path / 'fusion'}", items, pairs.captions,
+                       pairs.owner, None)
+    assert row["reranked_top5"] is True and row["label_accuracy"] is None
+
+    embedder = MagicEmbedder.from_pretrained("tiny-random-composed")
+    images, _ = encode_timed(embedder, pairs.images)  # as the row computes them
+    scores = embedder.encode(pairs.captions, role="query", batch_size=32) @ images.T
+    second = dual.encode(pairs.captions, role="query") @ dual.encode(pairs.images, role="candidate").T
+    relevant = [{o} for o in pairs.owner]
+    expected = scores.copy()
+    for q, top in enumerate(np.argsort(-scores, axis=1, kind="stable")[:, :5]):
+        order = np.argsort(-(scores[q, top] + weight * second[q, top]), kind="stable")
+        expected[q, top[order]] = 1e3 - np.arange(len(top))
+    assert row["text_to_image_first_rank"] == first_ranks(expected, relevant).tolist()
+    if weight == 0:
+        assert row["text_to_image_first_rank"] == first_ranks(scores, relevant).tolist()
+    else:
+        assert row["text_to_image_first_rank"] != first_ranks(scores, relevant).tolist()

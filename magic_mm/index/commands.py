@@ -176,7 +176,8 @@ def search(
     image: Annotated[Path | None, typer.Option("--image", "-i", help="Query image (optional with TEXT).")] = None,
     db: DbOpt = DEFAULT_DB,
     k: Annotated[int, typer.Option("--k", "-k", min=1, max=1000, help="Results to show.")] = 10,
-    rerank: Annotated[bool, typer.Option(help="Rescore the top candidates with MagicReranker.")] = False,
+    rerank: Annotated[bool, typer.Option(
+        help="Rescore the top candidates with the model's reranker (magic-mm-tiny's: FusionReranker).")] = False,
     rerank_top: Annotated[int, typer.Option(min=1, help="Candidates the reranker rescores.")] = 10,
     exact: Annotated[bool, typer.Option(help="Exact search even if an ANN index exists.")] = False,
     model: ModelOpt = None,

@@ -1,13 +1,19 @@
 """Search an index with a text, an image or both, optionally reranking the top candidates.
 
 All rerank logic lives here: ``load_reranker`` (the one check for whether
-the model has a reranker), ``reranker_scores`` (the one adapter to its
+the model has a reranker, and which kind), ``reranker_scores`` (the one adapter to its
 ``rerank`` method) and ``retrieve`` (embedder top-k, then rerank the head).
 The CLI and the server both call ``retrieve``.
+
+Two kinds of reranker answer ``rerank(query, candidates, top_k)``: ``FusionReranker``
+(magic-mm-tiny's: first-stage score + weight × a dual encoder's cosine; it also takes
+``first_stage_scores``, which ``rerank_hits`` fills with the hits' embedder scores) and
+``MagicReranker`` (the paper's MLLM reranker, a folder with ``reranker.json``).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,24 +35,55 @@ class RerankerUnavailableError(UserError):
     """``--rerank`` was asked for, but the model has no reranker."""
 
 
-def load_reranker(model: str) -> Any:
-    """The ``MagicReranker`` for ``model``, or a ``RerankerUnavailableError`` saying why not."""
+def load_reranker(model: str, embedder: MagicEmbedder | None = None) -> Any:
+    """The reranker for ``model``, or a ``RerankerUnavailableError`` saying why not.
+
+    ``magic-mm-tiny`` → its shipped ``FusionReranker`` (default_model/fusion_reranker/); a folder
+    with ``fusion_reranker.json`` → that ``FusionReranker``; otherwise a ``MagicReranker`` folder
+    (``reranker.json``).  ``embedder`` (the first stage) lets a ``FusionReranker`` score
+    candidates that come without first-stage scores."""
+    from magic_mm.model.config import DEFAULT_MODEL_NAME
+    from magic_mm.model.fusion_reranker import FUSION_FILE, FusionReranker
     from magic_mm.model.reranker import MagicReranker
 
     try:
+        if model == DEFAULT_MODEL_NAME or _holds(model, FUSION_FILE):
+            return FusionReranker.from_pretrained(model, embedder=embedder)
         return MagicReranker.from_pretrained(model)
     except (UserError, OSError, TypeError, ValueError) as exc:
         raise RerankerUnavailableError(
             f"reranking is not available for model {model!r} ({exc}); search without reranking") from None
 
 
-def reranker_scores(reranker: Any, query: MMInput, candidates: Sequence[MMInput]) -> list[float]:
+def _holds(folder: str, name: str) -> bool:
+    try:
+        return (Path(folder).expanduser() / name).is_file()
+    except (OSError, ValueError):  # not a usable path (too long, a NUL byte): a model name
+        return False
+
+
+def takes_first_stage_scores(reranker: Any) -> bool:
+    """Whether ``reranker.rerank`` accepts ``first_stage_scores`` (``FusionReranker`` does)."""
+    try:
+        return "first_stage_scores" in inspect.signature(reranker.rerank).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def reranker_scores(reranker: Any, query: MMInput, candidates: Sequence[MMInput],
+                    first_stage_scores: Sequence[float] | None = None) -> list[float]:
     """One relevance score per candidate (higher is better), in the candidates' order.
 
     ``rerank(query, candidates, top_k)`` may answer with one score per candidate, or with
     ranked ``(index, score)`` pairs / objects / dicts; all become a score per candidate.
+    ``first_stage_scores`` (one per candidate) go to rerankers that take them and are
+    ignored by the others.
     """
-    result = reranker.rerank(query, list(candidates), top_k=len(candidates))
+    if first_stage_scores is not None and takes_first_stage_scores(reranker):
+        result = reranker.rerank(query, list(candidates), top_k=len(candidates),
+                                 first_stage_scores=[float(s) for s in first_stage_scores])
+    else:
+        result = reranker.rerank(query, list(candidates), top_k=len(candidates))
     if isinstance(result, np.ndarray) or (len(result) and isinstance(result[0], (int, float, np.floating))):
         scores = [float(s) for s in np.asarray(result, dtype=np.float64).reshape(-1)]
         if len(scores) != len(candidates):
@@ -97,7 +134,8 @@ def retrieve(
 
 
 def rerank_hits(reranker: Any, query: MMInput, hits: list[Hit], top: int) -> list[Hit]:
-    """Reorder the first ``top`` hits by reranker score; pages whose file is gone keep no score."""
+    """Reorder the first ``top`` hits by reranker score; pages whose file is gone keep no score.
+    The hits' own (embedder) scores go along as first-stage scores to rerankers that take them."""
     head, tail = hits[:top], hits[top:]
     readable, candidates = [], []
     for hit in head:
@@ -108,7 +146,8 @@ def rerank_hits(reranker: Any, query: MMInput, hits: list[Hit], top: int) -> lis
         readable.append(hit)
         candidates.append(MMInput(image=image, name=f"{hit.path} page {hit.page}"))
     if candidates:
-        for hit, score in zip(readable, reranker_scores(reranker, query, candidates)):
+        first_stage = [hit.score for hit in readable]
+        for hit, score in zip(readable, reranker_scores(reranker, query, candidates, first_stage)):
             hit.rerank_score = score
             hit.score = score
     ranked = sorted(readable, key=lambda h: -h.score) + [h for h in head if h not in readable] + tail

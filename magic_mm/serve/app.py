@@ -30,7 +30,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from magic_mm.errors import UserError
 from magic_mm.index.files import page_image
-from magic_mm.index.search import RerankerUnavailableError, load_reranker, reranker_scores, retrieve
+from magic_mm.index.search import (
+    RerankerUnavailableError,
+    load_reranker,
+    reranker_scores,
+    retrieve,
+    takes_first_stage_scores,
+)
 from magic_mm.index.store import Hit, PageStore
 from magic_mm.model.embedder import MagicEmbedder
 from magic_mm.model.inputs import MMInput, PreparedInput
@@ -147,10 +153,11 @@ class Service:
                 raise RerankerUnavailableError(self._reranker_error or "reranker not available")
             return self._reranker
 
-    def rerank_scores(self, query: MMInput, candidates: list[MMInput]) -> list[float]:
+    def rerank_scores(self, query: MMInput, candidates: list[MMInput],
+                      first_stage_scores: list[float] | None = None) -> list[float]:
         reranker = self.reranker()
         with self._reranker_lock:
-            return reranker_scores(reranker, query, candidates)
+            return reranker_scores(reranker, query, candidates, first_stage_scores)
 
     def search(self, vector: np.ndarray, k: int, query: PreparedInput, rerank: bool, exact: bool) -> list[Hit]:
         """Index search (blocking; run in a worker thread), reranked under the reranker's lock."""
@@ -275,14 +282,22 @@ def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = No
             parse_documents)
         top_n = optional_int(body, "top_n", 1, len(docs)) or len(docs)
         return_documents = body.get("return_documents", True)
+
+        async def cosines() -> list[float]:  # the service's embedder, through its batcher
+            q = finish(await service.batcher.embed([query], "query"))[0]
+            c = finish(await service.batcher.embed(docs, "candidate"))
+            return [float(s) for s in c @ q]
+
         try:
-            scores = await run_in_threadpool(service.rerank_scores, query, docs)
+            reranker = await run_in_threadpool(service.reranker)
+            # A FusionReranker fuses first-stage scores; a request brings none, so the served
+            # embedder's cosine is the first stage.
+            first_stage = await cosines() if takes_first_stage_scores(reranker) else None
+            scores = await run_in_threadpool(service.rerank_scores, query, docs, first_stage)
             scorer = "reranker"
         except RerankerUnavailableError:
             # No trained reranker in this magic-mm yet: score with the embedder (cosine), and say so.
-            q = finish(await service.batcher.embed([query], "query"))[0]
-            c = finish(await service.batcher.embed(docs, "candidate"))
-            scores = [float(s) for s in c @ q]
+            scores = await cosines()
             scorer = "embedding-cosine"
         order = sorted(range(len(docs)), key=lambda i: -scores[i])[:top_n]
         results = []
