@@ -3,8 +3,8 @@
 ``F.linear`` in bf16 on a CPU hands oneDNN a plain row-major weight, which it reorders into
 its blocked (AMX/VNNI) layout on every call. For the short sequences an embedder runs (a
 22-token query, a 58-token candidate) that reorder is a large share of each matrix product:
-packing the weight once makes the LM's products 1.2–1.46× faster at those lengths, each with
-the same numbers as ``F.linear`` (docs/speed.md, ``benchmarks/lm_linear_packing.py``).
+packing the weight once makes the LM's products 1.2–1.46× faster at those lengths; packing alone
+does not change the numbers (docs/speed.md, ``benchmarks/lm_linear_packing.py``).
 
 In bf16, oneDNN's summation order depends on how many rows a call has, so a token's output
 would change with the other inputs that share its batch (by up to one bf16 step). The packed
