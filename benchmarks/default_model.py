@@ -122,10 +122,11 @@ def reranked_top5(folder: str, scores: np.ndarray, top: np.ndarray, paths: list[
     """Each caption's reranked ``top`` row (hits index into it), with either kind of reranker folder:
     a FusionReranker (``fusion_reranker.json``) gets the embedder's scores of the top 5 as its
     first-stage scores; a MagicReranker (``reranker.json``) reads each (caption, photo) pair."""
-    from magic_mm.model.fusion_reranker import FUSION_FILE, FusionReranker
+    from magic_mm.index.search import load_reranker
+    from magic_mm.model.fusion_reranker import FusionReranker
 
-    if (Path(folder) / FUSION_FILE).is_file():
-        reranker = FusionReranker.from_pretrained(folder)
+    reranker = load_reranker(folder)  # the one place that tells the two kinds of folder apart
+    if isinstance(reranker, FusionReranker):
         # The dual encoder embeds each test image and caption once, not once per (query, candidate) pair;
         # ``rank`` fuses those cosines with the first-stage scores exactly as ``rerank`` does.
         images = reranker.dual.encode(paths, role="candidate", batch_size=16)
@@ -133,11 +134,8 @@ def reranked_top5(folder: str, scores: np.ndarray, top: np.ndarray, paths: list[
         for q, row in enumerate(top):
             yield reranker.rank(scores[q, row], images[row] @ texts[q])
         return
-    from magic_mm import MagicReranker
-
     from magic_mm.train.features import VisionCache
 
-    reranker = MagicReranker.from_pretrained(folder)
     # The frozen vision encoder runs once per test image, not once per (query, candidate) pair.
     grids = VisionCache().build(reranker.model.backbone, paths)
     for q, row in enumerate(top):

@@ -41,7 +41,7 @@ from magic_mm.model.dual_encoder import CONFIG_FILE as DUAL_CONFIG_FILE
 from magic_mm.model.dual_encoder import HEADS_FILE as DUAL_HEADS_FILE
 from magic_mm.model.dual_encoder import DualEncoder
 from magic_mm.model.inputs import PreparedInput, prepare
-from magic_mm.model.reranker import RerankHit
+from magic_mm.model.reranker import RerankHit, candidate_list, ranked, rerank_head
 
 FUSION_FILE = "fusion_reranker.json"
 FORMAT = "magic-mm-fusion-reranker"
@@ -58,11 +58,6 @@ def fused_scores(first_stage: Sequence[float] | np.ndarray, dual: Sequence[float
     if first.shape != second.shape:
         raise ValueError(f"{first.shape} first-stage scores but {second.shape} dual-encoder scores")
     return np.where(np.isnan(second), first, first + weight * np.nan_to_num(second))
-
-
-def ranked(scores: Sequence[float] | np.ndarray) -> list[RerankHit]:
-    """Hits best first; equal scores keep their input (first-stage) order."""
-    return sorted((RerankHit(i, float(s)) for i, s in enumerate(scores)), key=lambda h: -h.score)
 
 
 class FusionReranker:
@@ -148,21 +143,16 @@ class FusionReranker:
         without them the embedder given to ``from_pretrained`` computes its cosine.  A hit's score
         is first-stage + weight × dual cosine (the first-stage score alone unless the query is a
         text and the candidate an image)."""
-        if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
-            raise BadInputError("rerank() takes a list of candidates; wrap a single one in a list")
-        if top_k < 1:
-            raise BadInputError(f"top_k must be >= 1, got {top_k}")
+        head = rerank_head(candidates, top_k)
         if first_stage_scores is not None:
             first_stage_scores = _one_each(first_stage_scores, len(candidates))[:top_k]
-        return self.rank(*self._parts(query, list(candidates[:top_k]), first_stage_scores))
+        return self.rank(*self._parts(query, head, first_stage_scores))
 
     # -- internals ------------------------------------------------------------------
     @staticmethod
     def _prepare(query: Any, candidates: Sequence[Any]) -> tuple[PreparedInput, list[PreparedInput]]:
         """Validated inputs (images decoded once), as ``MagicReranker.rerank`` accepts them."""
-        if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
-            raise BadInputError("candidates must be a list; wrap a single one in a list")
-        return prepare(query), [prepare(c, i) for i, c in enumerate(candidates)]
+        return prepare(query), [prepare(c, i) for i, c in enumerate(candidate_list(candidates))]
 
     def _parts(self, query: Any, candidates: Sequence[Any],
                first_stage_scores: Sequence[float] | np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

@@ -44,6 +44,25 @@ class RerankHit:
     score: float  # logit(Yes) - logit(No); higher is more relevant
 
 
+def candidate_list(candidates: Sequence[Any]) -> list[Any]:
+    """``candidates`` as a list; a bare str/bytes or a non-sequence is the caller's mistake."""
+    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
+        raise BadInputError("rerank() takes a list of candidates; wrap a single one in a list")
+    return list(candidates)
+
+
+def rerank_head(candidates: Sequence[Any], top_k: int) -> list[Any]:
+    """The first ``top_k`` candidates, which ``rerank`` rescores (the first stage's top k)."""
+    if top_k < 1:
+        raise BadInputError(f"top_k must be >= 1, got {top_k}")
+    return candidate_list(candidates)[:top_k]
+
+
+def ranked(scores: Sequence[float]) -> list[RerankHit]:
+    """Hits best first; equal scores keep their input (first-stage) order."""
+    return sorted((RerankHit(i, float(s)) for i, s in enumerate(scores)), key=lambda h: -h.score)
+
+
 class MagicReranker(torch.nn.Module):
     """Rescore a query's candidates.
 
@@ -122,10 +141,4 @@ class MagicReranker(torch.nn.Module):
 
     def rerank(self, query: Any, candidates: Sequence[Any], top_k: int = 5) -> list[RerankHit]:
         """Rescore the first ``top_k`` candidates (the embedder's top k) and sort them, best first."""
-        if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
-            raise BadInputError("rerank() takes a list of candidates; wrap a single one in a list")
-        if top_k < 1:
-            raise BadInputError(f"top_k must be >= 1, got {top_k}")
-        head = list(candidates[:top_k])
-        scores = self.score(query, head)
-        return sorted((RerankHit(i, s) for i, s in enumerate(scores)), key=lambda h: -h.score)
+        return ranked(self.score(query, rerank_head(candidates, top_k)))
