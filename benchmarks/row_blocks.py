@@ -2,9 +2,11 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/row_blocks.py [--rounds 5]
 
-``magic-mm-tiny`` in bf16 with its ``PackedLinear``s run two ways, interleaved in one run: every
-product as one oneDNN call of the rows that come (``ROW_BLOCK = None``), and with the rows padded
-to a multiple of ``ROW_BLOCK`` and run in calls of at most ``CALL_ROWS`` (the default).
+``magic-mm-tiny`` in bf16 with its ``PackedLinear``s run three ways, interleaved in one run: every
+product as one oneDNN call of the rows that come (``ROW_BLOCK = None``); the rows padded to a
+multiple of ``ROW_BLOCK`` and run in calls of at most 128 rows (``CALL_ROWS = 128``, the fixed cap
+before the caps were measured per shape); and the default, calls of at most each shape's
+``invariant_call_rows``.
 Timed: one text query per call, one photo per call, 16 photos per call. Then, for each way, the largest difference of any vector component between
 inputs embedded alone and the same inputs inside one call with others: 16 photos, and 16
 captions of different lengths (right-padded in one batch).
@@ -27,7 +29,13 @@ from magic_mm.model import packed_linear
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "flickr8k-1k"
 BLOCKED = packed_linear.ROW_BLOCK
-WAYS = {"one call per product": None, f"{BLOCKED}-row blocks": BLOCKED}
+# (ROW_BLOCK, CALL_ROWS) for each way
+WAYS = {"one call per product": (None, None), "blocks, 128-row calls": (BLOCKED, 128),
+        "blocks, measured calls": (BLOCKED, None)}
+
+
+def use(way: str) -> None:
+    packed_linear.ROW_BLOCK, packed_linear.CALL_ROWS = WAYS[way]
 
 
 def timed_ms(fn: Callable[[], object]) -> float:
@@ -56,33 +64,32 @@ def main() -> None:
         "16 photos per call (ms / photo)": (lambda: model.encode(photos, role="candidate", batch_size=16), 16),
     }
     times: dict[tuple[str, str], list[float]] = {}
-    for way, block in WAYS.items():  # warm-up
-        packed_linear.ROW_BLOCK = block
+    for way in WAYS:  # warm-up (and each shape's call cap measured)
+        use(way)
         for fn, _ in jobs.values():
             fn()
     for r in range(args.rounds):
         for way in (list(WAYS) if r % 2 == 0 else list(WAYS)[::-1]):
-            packed_linear.ROW_BLOCK = WAYS[way]
+            use(way)
             for name, (fn, calls) in jobs.items():
                 times.setdefault((name, way), []).append(timed_ms(fn) / calls)
-    plain, blocked = WAYS
+    plain, fixed, measured = WAYS
     print(f"magic-mm-tiny, bf16, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds (medians)")
-    print(f"| job | {plain} | {blocked} | blocks / one call |")
-    print("|---|---:|---:|---:|")
+    print(f"| job | {plain} | {fixed} | {measured} | {measured} / {plain} | 128-row / measured |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in jobs:
-        a, b = statistics.median(times[(name, plain)]), statistics.median(times[(name, blocked)])
-        print(f"| {name} | {a:.1f} | {b:.1f} | {b / a:.2f}× |")
+        a, b, c = (statistics.median(times[(name, way)]) for way in WAYS)
+        print(f"| {name} | {a:.1f} | {b:.1f} | {c:.1f} | {c / a:.2f}× | {b / c:.2f}× |")
     print("\nlargest |difference|, embedded alone against inside a call of 16")
-    print(f"| inputs | {plain} | {blocked} |")
-    print("|---|---:|---:|")
+    print(f"| inputs | {' | '.join(WAYS)} |")
+    print("|---|" + "---:|" * len(WAYS))
     for label, items, role in (("16 photos", photos, "candidate"), ("16 captions", captions, "query")):
         cells = []
-        for block in WAYS.values():
-            packed_linear.ROW_BLOCK = block
+        for way in WAYS:
+            use(way)
             cells.append(f"{largest_batch_difference(model, items, role):.3g}")
         print(f"| {label} | {' | '.join(cells)} |")
-    packed_linear.ROW_BLOCK = BLOCKED
-
+    use(measured)
 
 if __name__ == "__main__":
     main()

@@ -8,15 +8,17 @@ does not change the numbers (docs/speed.md, ``benchmarks/lm_linear_packing.py``)
 
 In bf16, oneDNN's summation order depends on how many rows a call has, so a token's output
 would change with the other inputs that share its batch (by up to one bf16 step). The packed
-path therefore pads the rows to a multiple of ``ROW_BLOCK`` and runs them in calls of 64 or
-128 rows: every row then gets the same numbers whatever shares its call, on 1 thread or 2
-(``benchmarks/row_blocks.py``, ``tests/test_speed.py``). With row-by-row attention on padded
-batches (``row_attention.py``) that makes bf16 embeddings batch-invariant, so the server's
-micro-batched answers equal its single-request ones bit for bit.
+path therefore pads the rows to a multiple of ``ROW_BLOCK`` and runs them in calls no larger
+than the largest one measured to round like ``ROW_BLOCK``-row calls for that shape on that
+thread count (``invariant_call_rows``): every row then gets the same numbers whatever shares
+its call, on 1 thread or 2 (``benchmarks/row_blocks.py``, ``tests/test_speed.py``). With
+row-by-row attention on padded batches (``row_attention.py``) that makes bf16 embeddings
+batch-invariant, so the server's micro-batched answers equal its single-request ones bit for bit.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -24,11 +26,44 @@ import torch.nn.functional as F
 from torch import nn
 
 # Rows are padded to a multiple of ROW_BLOCK (64: one s = 2 candidate of 58 tokens, or a query)
-# and multiplied in calls of CALL_ROWS. A 128-row call gives each row the same numbers as two
-# 64-row calls for every shape of magic-mm-tiny, on 1 and 2 threads, and is 5 % faster on a
-# batch of 16 photos; from 192 rows on, some shapes round differently (measured).
+# and multiplied in calls of at most the shape's invariant_call_rows. Which call sizes round like
+# 64-row calls differs by shape and thread count and is not monotonic (on this CPU, 1536 → 576 on
+# 2 threads: 128, 192, 448 and 512 rows do, 256 does not), so it is measured, not assumed.
 ROW_BLOCK: int | None = 64  # None: one call of whatever rows come (benchmarks/row_blocks.py compares)
-CALL_ROWS = 128
+MAX_CALL_ROWS = 512  # larger calls gain little (a batch of 8 candidates is 464 rows)
+CALL_ROWS: int | None = None  # None: measured per shape; an int forces that cap (benchmarks only)
+
+_invariant_calls: dict[tuple[int, int, bool, int], int] = {}
+_invariant_calls_lock = threading.Lock()
+
+
+def _linear(rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+
+
+def invariant_call_rows(in_features: int, out_features: int, has_bias: bool, threads: int) -> int:
+    """The largest call, in whole ``ROW_BLOCK``s up to ``MAX_CALL_ROWS``, in which oneDNN gives
+    every row of a bf16 ``in_features → out_features`` product on ``threads`` intra-op threads
+    exactly the numbers a ``ROW_BLOCK``-row call gives it, with every smaller whole-block call
+    doing the same. oneDNN picks its kernel (and so its summation order) from the shapes and the
+    thread count, not from the values, so random numbers measure it; once per process and key,
+    on the calling thread's thread count (which torch keeps per thread)."""
+    key = (in_features, out_features, has_bias, threads)
+    with _invariant_calls_lock:
+        if key not in _invariant_calls:
+            generator = torch.Generator().manual_seed(0)
+            weight = (torch.randn(out_features, in_features, generator=generator) * 0.05).bfloat16()
+            bias = torch.randn(out_features, generator=generator).bfloat16() if has_bias else None
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            rows = torch.randn(MAX_CALL_ROWS, in_features, generator=generator).bfloat16()
+            by_blocks = torch.cat([_linear(block, packed, bias) for block in rows.split(ROW_BLOCK or 64)])
+            largest = ROW_BLOCK or 64
+            for size in range(2 * largest, MAX_CALL_ROWS + 1, largest):
+                if not torch.equal(_linear(rows[:size], packed, bias), by_blocks[:size]):
+                    break
+                largest = size
+            _invariant_calls[key] = largest
+        return _invariant_calls[key]
 
 
 def packing_available() -> bool:
@@ -70,11 +105,16 @@ class PackedLinear(nn.Linear):
         if ROW_BLOCK is None:
             calls = [rows]
         else:
-            if count % ROW_BLOCK:
-                rows = torch.cat([rows, rows.new_zeros(ROW_BLOCK - count % ROW_BLOCK, rows.shape[1])])
-            calls = rows.split(CALL_ROWS)
-        out = torch.cat([torch.ops.mkldnn._linear_pointwise(call, packed, self.bias, "none", [], "")
-                         for call in calls])
+            cap = CALL_ROWS or invariant_call_rows(self.in_features, self.out_features, self.bias is not None,
+                                                   torch.get_num_threads())
+            whole = count - count % ROW_BLOCK
+            calls = list(rows[:whole].split(cap)) if whole else []  # views: whole blocks need no copy
+            if whole < count:  # the last rows, padded with zeros to one block
+                tail = rows.new_zeros(ROW_BLOCK, rows.shape[1])
+                tail[: count - whole] = rows[whole:]
+                calls.append(tail)
+        outs = [_linear(call, packed, self.bias) for call in calls]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out[:count].reshape(*x.shape[:-1], out.shape[-1])
 
     def __getstate__(self) -> dict[str, Any]:
