@@ -236,7 +236,10 @@ def test_invariant_call_rows_stops_below_the_first_call_size_that_rounds_differe
                             lambda rows, packed, bias: calls.append(rows.shape[0]) or real(rows, packed, bias))
         monkeypatch.setattr(packed_linear_module, "_invariant_calls", {(64, 48, True, torch.get_num_threads()): 256})
         out = layer(x)
-    assert calls == [256, 256, 128, 64]  # 640 whole rows in calls of at most 256, then 60 padded to a block
+        assert calls == [256, 256, 128, 64]  # 640 whole rows in calls of at most 256, then 60 padded to a block
+        calls.clear()
+        layer(x[:100])
+        assert calls == [128]  # rows that fit one call go padded, in one call
     want = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
     torch.testing.assert_close(out.float(), want, atol=0.03, rtol=0.02)  # every row in its place
 

@@ -107,11 +107,15 @@ class PackedLinear(nn.Linear):
         else:
             cap = CALL_ROWS or invariant_call_rows(self.in_features, self.out_features, self.bias is not None,
                                                    torch.get_num_threads())
-            whole = count - count % ROW_BLOCK
-            calls = list(rows[:whole].split(cap)) if whole else []  # views: whole blocks need no copy
-            if whole < count:  # the last rows, padded with zeros to one block
-                tail = rows.new_zeros(ROW_BLOCK, rows.shape[1])
-                tail[: count - whole] = rows[whole:]
+            padded = -(-count // ROW_BLOCK) * ROW_BLOCK
+            # Rows before `start` go as views (no copy) in calls of at most `cap`; the rest are
+            # copied into one zero-padded call. When all rows fit one call, copying the input
+            # once is cheaper than concatenating two calls' outputs.
+            start = count if padded == count else 0 if padded <= cap else count - count % ROW_BLOCK
+            calls = list(rows[:start].split(cap)) if start else []
+            if start < count:
+                tail = rows.new_zeros(padded - start, rows.shape[1])
+                tail[: count - start] = rows[start:]
                 calls.append(tail)
         outs = [_linear(call, packed, self.bias) for call in calls]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
