@@ -133,15 +133,20 @@ def test_usage_counts_do_not_run_the_vision_encoder(servers, model):
     assert calls == [1]  # the embedding itself, nothing else
 
 
-def test_an_image_pass_is_split_over_single_threaded_workers_with_the_same_answers(tiny_composed, monkeypatch):
-    import torch
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, as on a 2-core CPU, whatever runs the tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
 
+
+def test_an_image_pass_is_split_over_single_threaded_workers_with_the_same_answers(tiny_composed, two_threads):
     from magic_mm.serve.app import Service
 
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as on a 2-core CPU, whatever runs the tests
     split = Service(tiny_composed, MODEL, None, ServeSettings(batch=BatchSettings(image_workers=2)))
     whole = Service(tiny_composed, MODEL, None, ServeSettings(batch=BatchSettings(image_workers=1)))
-    monkeypatch.undo()
     assert (split.image_workers, whole.image_workers) == (2, 1)
     ran = []
     inner = split._embed_in_batches
@@ -178,3 +183,37 @@ def test_no_image_workers_on_too_few_threads(tiny_composed, monkeypatch):
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert Service(tiny_composed, MODEL, None, ServeSettings(batch=BatchSettings(image_workers=2))).image_workers == 1
+
+
+def test_the_server_warms_every_model_thread_before_its_first_request(monkeypatch):
+    """Startup runs a text pass and a split image pass, so each model thread has measured its
+    products' batch-invariant call sizes (and oneDNN built its kernels) before any client waits."""
+    from magic_mm.model import packed_linear
+
+    monkeypatch.setattr(packed_linear, "_invariant_calls", {})
+    model = MagicEmbedder.from_pretrained(MODEL, dtype="bfloat16")
+    app = create_app(model, MODEL, None, ServeSettings())
+    service = app.state.service
+    with ServerThread(app):
+        measured = {key[3] for key in packed_linear._invariant_calls}  # thread counts measured on
+    threads = torch.get_num_threads()
+    workers = service.settings.batch.image_workers
+    expected = {threads} | ({threads // workers} if threads >= workers > 1 else set())
+    assert measured == expected
+
+
+def test_image_workers_leave_later_threads_on_all_intra_op_threads(tiny_composed, two_threads):
+    """torch.set_num_threads in a worker also sets what every later thread starts with; the pool
+    must put that back, or a batcher thread started after it would run on one thread."""
+    from magic_mm.serve.app import image_worker_pool
+
+    pool = image_worker_pool(tiny_composed, 2)
+    try:
+        assert {pool.submit(torch.get_num_threads).result() for _ in range(4)} == {1}
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2]
+    finally:
+        pool.shutdown()

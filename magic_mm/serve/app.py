@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from magic_mm.errors import UserError
@@ -57,6 +59,14 @@ THUMBNAIL_SIZE = 256
 ROLES = ("query", "candidate")
 
 
+def _use_threads(count: int) -> None:
+    torch.set_num_threads(count)
+    # torch reads the process-wide count into a thread's own on the thread's first query; do it
+    # now, while that count is this one, so that putting the process-wide count back later
+    # leaves this thread's alone.
+    torch.get_num_threads()
+
+
 def image_worker_pool(embedder: MagicEmbedder, workers: int) -> ThreadPoolExecutor | None:
     """Threads that run parts of an image pass side by side, each with an equal share of torch's
     intra-op threads (the count is per thread, so the rest of the server keeps all of them).
@@ -64,8 +74,16 @@ def image_worker_pool(embedder: MagicEmbedder, workers: int) -> ThreadPoolExecut
     threads = torch.get_num_threads()
     if workers < 2 or embedder.backbone.device.type != "cpu" or threads < workers:
         return None
-    return ThreadPoolExecutor(workers, thread_name_prefix="magic-mm-image",
-                              initializer=torch.set_num_threads, initargs=(threads // workers,))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="magic-mm-image",
+                              initializer=_use_threads, initargs=(threads // workers,))
+    # torch.set_num_threads also sets the count every thread started later begins with, so a
+    # batcher or request thread started after the workers would run on threads // workers. Start
+    # every worker now (each waits at the barrier until all exist), then put the default back.
+    barrier = threading.Barrier(workers)
+    for started in [pool.submit(barrier.wait) for _ in range(workers)]:
+        started.result()
+    torch.set_num_threads(threads)
+    return pool
 
 
 class Service:
@@ -87,6 +105,16 @@ class Service:
     def image_workers(self) -> int:
         """Model threads an image pass is split over (1: not split)."""
         return self.settings.batch.image_workers if self._image_workers is not None else 1
+
+    def warm_up(self) -> None:
+        """One text pass and one split image pass before the first request, so that no client
+        waits on first-call work: oneDNN building its kernels, and each model thread measuring
+        its products' largest batch-invariant call (``packed_linear.invariant_call_rows``)."""
+        start = time.perf_counter()
+        gray = Image.new("RGB", (64, 64), (128, 128, 128))
+        self._embed_raw(self.embedder.prepare(["warm-up"]), [("query", None)])
+        self._embed_raw(self.embedder.prepare([gray, gray]), [("candidate", None)] * 2)
+        log.info("warm-up passes took %.1f s", time.perf_counter() - start)
 
     def close(self) -> None:
         """Stop the image workers; later passes run unsplit on the calling thread."""
@@ -205,6 +233,7 @@ def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = No
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        service.warm_up()
         service.batcher.start()
         yield
         service.batcher.stop()
