@@ -7,7 +7,9 @@ product as one oneDNN call of the rows that come (``ROW_BLOCK = None``); the row
 multiple of ``ROW_BLOCK`` and run in calls of at most 128 rows (``CALL_ROWS = 128``, the fixed cap
 before the caps were measured per shape); and the default, calls of at most each shape's
 ``invariant_call_rows``.
-Timed: one text query per call, one photo per call, 16 photos per call. Then, for each way, the largest difference of any vector component between
+Timed: one text query per call, one photo per call, 16 photos per call, and 16 photos split
+over two model threads of one intra-op thread each, as the server runs an image pass (the
+measured caps differ by thread count). Then, for each way, the largest difference of any vector component between
 inputs embedded alone and the same inputs inside one call with others: 16 photos, and 16
 captions of different lengths (right-padded in one batch).
 """
@@ -26,6 +28,9 @@ from PIL import Image
 
 from magic_mm import MagicEmbedder
 from magic_mm.model import packed_linear
+from magic_mm.serve.app import Service
+from magic_mm.serve.batcher import BatchSettings
+from magic_mm.serve.limits import ServeSettings
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "flickr8k-1k"
 BLOCKED = packed_linear.ROW_BLOCK
@@ -58,10 +63,14 @@ def main() -> None:
     photos = [Image.open(p).convert("RGB") for p in sorted((DATA / "images").glob("*.jpg"))[:16]]
     captions = [line.split(",", 1)[1].strip().strip('"')
                 for line in (DATA / "captions.csv").read_text().splitlines()[1:17]]
+    server = Service(model, "magic-mm-tiny", None, ServeSettings(batch=BatchSettings(image_workers=2)))
+    prepared = model.prepare(photos)
     jobs: dict[str, tuple[Callable[[], object], int]] = {
         "one text query per call (ms)": (lambda: [model.encode([c], role="query") for c in captions[:8]], 8),
         "one photo per call (ms / photo)": (lambda: [model.encode([p], role="candidate") for p in photos[:4]], 4),
         "16 photos per call (ms / photo)": (lambda: model.encode(photos, role="candidate", batch_size=16), 16),
+        "16 photos, two 1-thread workers (ms / photo)":
+            (lambda: server._embed_raw(prepared, [("candidate", None)] * len(prepared)), 16),
     }
     times: dict[tuple[str, str], list[float]] = {}
     for way in WAYS:  # warm-up (and each shape's call cap measured)
@@ -90,6 +99,8 @@ def main() -> None:
             cells.append(f"{largest_batch_difference(model, items, role):.3g}")
         print(f"| {label} | {' | '.join(cells)} |")
     use(measured)
+    server.close()
+
 
 if __name__ == "__main__":
     main()

@@ -42,6 +42,23 @@ PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 UNSPLIT = "micro-batched, one image pass"
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) CPU ticks so far, from Linux's /proc/stat; None elsewhere."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_note(start: tuple[int, int] | None, end: tuple[int, int] | None) -> str:
+    """The share of CPU time the hypervisor gave to other machines in between: on a shared host
+    this, not the code, is what moves a pass's throughput most."""
+    if start is None or end is None or end[1] == start[1]:
+        return ""
+    return f" (steal {100 * (end[0] - start[0]) / (end[1] - start[1]):.0f} %)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", type=Path, default=None, help="index for the search requests of the mixed load")
@@ -104,9 +121,11 @@ def main() -> None:
             for r in range(args.rounds):
                 order = list(variants) if r % 2 == 0 else list(reversed(variants))
                 for name in order:
+                    start = cpu_ticks()
                     result = run_load(servers[name].url, mix, args.clients, args.per_client)
                     passes[name].append(result)
-                    print(f"  {mix_name} round {r + 1} {name}: {result.throughput:.2f} requests/s", flush=True)
+                    print(f"  {mix_name} round {r + 1} {name}: {result.throughput:.2f} requests/s"
+                          f"{steal_note(start, cpu_ticks())}", flush=True)
             ratios = {name: [b.throughput / s.throughput for s, b in zip(passes["one at a time"], passes[name])]
                       for name in variants if name != "one at a time"}
             for name in variants:
