@@ -109,9 +109,13 @@ class PackedLinear(nn.Linear):
                                                    torch.get_num_threads())
             padded = -(-count // ROW_BLOCK) * ROW_BLOCK
             # Rows before `start` go as views (no copy) in calls of at most `cap`; the rest are
-            # copied into one zero-padded call. When all rows fit one call, copying the input
-            # once is cheaper than concatenating two calls' outputs.
-            start = count if padded == count else 0 if padded <= cap else count - count % ROW_BLOCK
+            # copied into one zero-padded call.
+            if padded == count:  # whole blocks only
+                start = count
+            elif padded <= cap:  # all in one call: copying the input once is cheaper than
+                start = 0  # concatenating two calls' outputs
+            else:
+                start = count - count % ROW_BLOCK
             calls = list(rows[:start].split(cap)) if start else []
             if start < count:
                 tail = rows.new_zeros(padded - start, rows.shape[1])
