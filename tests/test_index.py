@@ -316,3 +316,20 @@ def test_changed_weights_of_the_same_model_ask_for_rebuild(tiny_composed, tmp_pa
         PageStore.open_or_create(tmp_path / "w.lance", changed)
     rebuilt = PageStore.open_or_create(tmp_path / "w.lance", changed, rebuild=True)
     assert rebuilt.stamp == changed and rebuilt.count() == 0
+
+
+def test_a_large_jpeg_is_indexed_at_the_models_decode_scale(tiny_composed, store_for, tmp_path):
+    """The indexer decodes a JPEG as ``encode`` does (at a reduced scale down to the model's
+    448 × 448, here 128 × 128), so searching with the same file finds its own vector."""
+    from PIL import Image
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    make_image(1000, 700, seed=5).save(docs / "big.jpg", "JPEG")
+    store = store_for()
+    index_paths(tiny_composed, store, [docs])
+    stored = np.stack(store.table.to_arrow()["vector"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(stored[0], tiny_composed.encode([docs / "big.jpg"], role="candidate")[0],
+                               atol=1e-5, rtol=0)
+    full_size = tiny_composed.encode([Image.open(docs / "big.jpg")], role="candidate")[0]
+    assert np.abs(stored[0] - full_size).max() > 1e-3  # decoded at a reduced scale, not in full

@@ -149,3 +149,16 @@ def test_a_str_naming_an_image_file_stays_text_but_warns_once(tiny_composed, tmp
     np = pytest.importorskip("numpy")
     np.testing.assert_allclose(as_text[0], tiny_composed.encode([MMInput(text=str(photo))])[0], atol=1e-5)
     assert np.abs(as_text[0] - tiny_composed.encode([photo])[0]).max() > 1e-3
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_never_below_the_size_asked(tmp_path):
+    path, png = tmp_path / "big.jpg", tmp_path / "big.png"
+    make_image(1000, 700).save(path, "JPEG")
+    make_image(1000, 700).save(png)
+    assert load_image(path).size == (1000, 700)  # no size asked: full size
+    # 700 // 128 = 5 → libjpeg's 1/4 scale, the largest of 1/2, 1/4, 1/8 that stays ≥ 128 × 128
+    assert load_image(path, decode_size=(128, 128)).size == (250, 175)
+    assert load_image(path.read_bytes(), decode_size=(128, 128)).size == (250, 175)
+    assert load_image(path, decode_size=(448, 448)).size == (1000, 700)  # 700 < 2 × 448: full size
+    assert load_image(png, decode_size=(128, 128)).size == (1000, 700)  # only JPEG decodes at a scale
+    assert prepare(path, 0, decode_size=(128, 128)).image.size == (250, 175)

@@ -97,3 +97,24 @@ def test_shipped_reranker_loads_and_scores(flickr_dir):
             alone.append(float(row[yes] - row[no]))
     assert [h.index for h in hits] == sorted(range(4), key=lambda i: -alone[i])
     assert [h.score for h in hits] == pytest.approx([alone[h.index] for h in hits], abs=1e-3)
+
+
+def test_a_large_jpeg_embeds_like_its_full_size_decode(default_model, tmp_path):
+    """magic-mm-tiny decodes a phone-sized JPEG at 1/4 scale (it needs 448 × 448): the vector
+    stays within a cosine of 0.999 of the full-size decode's, for paths, and for the server's bytes."""
+    from conftest import FLICKR
+
+    from magic_mm.model.inputs import load_image
+
+    assert default_model.backbone.decode_size == (448, 448)
+    paths = []
+    for i, photo in enumerate(sorted((FLICKR / "images").glob("*.jpg"))[:2]):
+        paths.append(tmp_path / f"big{i}.jpg")
+        Image.open(photo).convert("RGB").resize((2400, 1800), Image.BICUBIC).save(paths[-1], quality=90)
+    drafted = default_model.encode(paths, role="candidate")
+    full = default_model.encode([load_image(p) for p in paths], role="candidate")
+    assert load_image(paths[0], decode_size=(448, 448)).size == (600, 450)
+    cosine = (drafted * full).sum(1)
+    assert cosine.min() > 0.999 and not np.array_equal(drafted, full)  # close, and the scale did apply
+    as_bytes = default_model.encode([p.read_bytes() for p in paths], role="candidate")
+    np.testing.assert_array_equal(as_bytes, drafted)

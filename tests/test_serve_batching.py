@@ -14,6 +14,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import make_image
 from serve_helpers import MODEL, data_url, post
 
@@ -217,3 +218,23 @@ def test_image_workers_leave_later_threads_on_all_intra_op_threads(tiny_composed
         assert later == [2]
     finally:
         pool.shutdown()
+
+
+def test_a_large_jpeg_sent_to_the_server_is_decoded_like_the_same_file_embedded_locally(tiny_composed):
+    """The server decodes a data: URL JPEG at the model's reduced scale too, so a photo sent over
+    HTTP gets the vector ``encode`` gives the same bytes (and an index built from the file)."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    make_image(1000, 700, seed=9).save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    with ServerThread(create_app(tiny_composed, MODEL, None, ServeSettings())) as server:
+        status, answer = post(server.url, "/v1/embeddings",
+                              {"input": [[{"type": "image_url", "image_url": {"url": url}}]], "role": "candidate"})
+    assert status == 200, answer
+    expected = tiny_composed.encode([jpeg], role="candidate")[0]
+    np.testing.assert_allclose(vectors_of(answer)[0], expected, atol=1e-5, rtol=0)
+    full_size = tiny_composed.encode([Image.open(io.BytesIO(jpeg))], role="candidate")[0]
+    assert np.abs(full_size - expected).max() > 1e-3  # the reduced scale did apply

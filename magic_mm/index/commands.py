@@ -163,7 +163,8 @@ def _run_on_ray(ray: Any, paths: list[Path], db: str, model: str, compression: s
         if note and not quiet:
             err.print(note, highlight=False, soft_wrap=True)
         summary = index_paths_ray(model, store, paths, resources, run_dtype, compression=compression,
-                                  max_pixels=embedder.max_image_pixels, prune=prune, batch_size=batch_size,
+                                  max_pixels=embedder.max_image_pixels, decode_size=embedder.backbone.decode_size,
+                                  prune=prune, batch_size=batch_size,
                                   limit=limit, show_progress=not quiet)
     finally:
         if started:

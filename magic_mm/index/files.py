@@ -72,10 +72,12 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def render_pages(doc: Document, max_pixels: int = MAX_IMAGE_PIXELS) -> list[Image.Image]:
-    """All pages of ``doc`` as RGB images; raises a ``UserError`` naming the file if it is bad."""
+def render_pages(doc: Document, max_pixels: int = MAX_IMAGE_PIXELS,
+                 decode_size: tuple[int, int] | None = None) -> list[Image.Image]:
+    """All pages of ``doc`` as RGB images; raises a ``UserError`` naming the file if it is bad.
+    ``decode_size``: the model's (``Backbone.decode_size``), for ``load_image``."""
     if doc.kind == "image":
-        return [load_image(doc.path, str(doc.path), max_pixels)]
+        return [load_image(doc.path, str(doc.path), max_pixels, decode_size)]
     return render_pdf(doc.path)
 
 

@@ -148,9 +148,9 @@ def resolve_roots(paths: Iterable[Path | str]) -> list[Path]:
     return [Path(p).expanduser().resolve() for p in paths]
 
 
-def load_pages(doc: Document, max_pixels: int) -> list[Image.Image]:
+def load_pages(doc: Document, max_pixels: int, decode_size: tuple[int, int] | None) -> list[Image.Image]:
     """The pages of a document to embed; a bad file raises ``UserError`` or ``OSError``."""
-    return render_pages(doc, max_pixels)
+    return render_pages(doc, max_pixels, decode_size)
 
 
 def index_paths(
@@ -186,7 +186,7 @@ def index_paths(
                     run.skip(key)
                     advance(1)
                     continue
-                pages = load_pages(doc, embedder.max_image_pixels)
+                pages = load_pages(doc, embedder.max_image_pixels, embedder.backbone.decode_size)
             except (UserError, OSError) as exc:
                 run.fail(key, str(exc))
                 advance(1)

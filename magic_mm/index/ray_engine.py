@@ -58,7 +58,8 @@ def list_documents(roots: list[Path]) -> list[Document]:
     return [unique[path] for path in sorted(unique)]
 
 
-def read_documents(batch: dict[str, np.ndarray], max_pixels: int) -> dict[str, Any]:
+def read_documents(batch: dict[str, np.ndarray], max_pixels: int,
+                   decode_size: tuple[int, int] | None = None) -> dict[str, Any]:
     """A read task: hash each document; skip it if its rows are complete, else emit one row per page."""
     out: dict[str, list[Any]] = {name: [] for name in ("path", "kind", "hash", "status", "reason", "page", "pages",
                                                        "image")}
@@ -75,7 +76,7 @@ def read_documents(batch: dict[str, np.ndarray], max_pixels: int) -> dict[str, A
             if file_hash == current:
                 emit(path, kind, file_hash, SKIPPED)
                 continue
-            pages = load_pages(Document(Path(path), kind), max_pixels)
+            pages = load_pages(Document(Path(path), kind), max_pixels, decode_size)
         except (UserError, OSError) as exc:
             emit(path, kind, "", FAILED, str(exc))
             continue
@@ -107,6 +108,7 @@ def index_paths_ray(
     dtype: str,
     compression: str | None = None,
     max_pixels: int | None = None,
+    decode_size: tuple[int, int] | None = None,
     prune: bool = False,
     batch_size: int = 16,
     limit: int | None = None,
@@ -115,7 +117,8 @@ def index_paths_ray(
     """Bring ``store`` up to date with the files under ``paths``, on the connected Ray cluster.
 
     ``model``, ``compression`` and ``dtype`` (a resolved name, e.g. ``float32``) are what each
-    worker loads; they must be the ones ``store`` was stamped with.
+    worker loads; they must be the ones ``store`` was stamped with. ``max_pixels`` and
+    ``decode_size`` are the model's, for the read tasks (which load no model).
     """
     import ray.data
 
@@ -129,7 +132,8 @@ def index_paths_ray(
              for d in run.documents]
     dataset = (
         ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // READ_BATCH, 10_000)))
-        .map_batches(read_documents, fn_kwargs={"max_pixels": max_pixels or MAX_IMAGE_PIXELS},
+        .map_batches(read_documents, fn_kwargs={"max_pixels": max_pixels or MAX_IMAGE_PIXELS,
+                                                "decode_size": decode_size},
                      batch_size=READ_BATCH, batch_format="numpy", num_cpus=1, memory=READ_TASK_MEMORY)
         .map_batches(PageWorker, fn_constructor_kwargs={"model": model, "compression": compression, "dtype": dtype,
                                                          "cpus": resources.cpus, "batch_size": batch_size},

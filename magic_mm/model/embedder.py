@@ -254,7 +254,7 @@ class MagicEmbedder(torch.nn.Module):
 
     def prepare(self, inputs: Iterable[Any], start_index: int = 0) -> list[PreparedInput]:
         """Validate and decode inputs; raises a ``UserError`` naming the first bad one."""
-        return [prepare(item, start_index + i, self.max_image_pixels) for i, item in enumerate(inputs)]
+        return [self._prepare(item, start_index + i) for i, item in enumerate(inputs)]
 
     def encode(
         self,
@@ -313,13 +313,16 @@ class MagicEmbedder(torch.nn.Module):
             return item
         mm = as_input(item)
         if mm.image is None:
-            return prepare(item, index, self.max_image_pixels)
+            return self._prepare(item, index)
         return _Pending(mm, index)
+
+    def _prepare(self, item: Any, index: int | None) -> PreparedInput:
+        return prepare(item, index, self.max_image_pixels, self.backbone.decode_size)
 
     def _prepare_for_model(self, item: Any) -> PreparedInput:
         """Decode (and, where the backbone allows, resize) one image on a worker thread."""
         if isinstance(item, _Pending):
-            item = prepare(item.item, item.index, self.max_image_pixels)
+            item = self._prepare(item.item, item.index)
         if not isinstance(item.image, Image.Image):  # no image, or cached vision features
             return item
         return PreparedInput(text=item.text, image=self.backbone.prepare_image(item.image), name=item.name)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,7 @@ def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = No
                settings: ServeSettings | None = None,
                reranker_loader: Callable[[str], Any] = load_reranker) -> FastAPI:
     """The app; ``reranker_loader`` exists so tests can stand in for ``MagicReranker``."""
-    settings = settings or ServeSettings()
+    settings = replace(settings or ServeSettings(), decode_size=embedder.backbone.decode_size)
     service = Service(embedder, model, store, settings, reranker_loader)
 
     @asynccontextmanager

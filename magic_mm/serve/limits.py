@@ -32,6 +32,8 @@ class ServeSettings:
     remote_timeout_s: float = 10.0
     rerank_top: int = 10
     batch: BatchSettings = field(default_factory=BatchSettings)
+    # The served model's Backbone.decode_size (create_app sets it), for decoding large JPEGs.
+    decode_size: tuple[int, int] | None = None
 
 
 class ApiError(Exception):
@@ -73,7 +75,7 @@ def image_from_url(url: Any, param: str, settings: ServeSettings) -> Image.Image
     if len(data) > settings.max_image_bytes:
         raise too_large_image(param, settings)
     try:
-        return load_image(data, param, settings.max_image_pixels)
+        return load_image(data, param, settings.max_image_pixels, settings.decode_size)
     except UserError as exc:
         too_many = "exceeds the limit" in str(exc)
         raise ApiError(413 if too_many else 400, str(exc), param,

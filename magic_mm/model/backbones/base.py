@@ -102,6 +102,13 @@ class Backbone(nn.Module, ABC):
         """A spec for a tiny randomly initialised model, for tests."""
 
     # -- the pipeline ---------------------------------------------------------------
+    @property
+    def decode_size(self) -> tuple[int, int] | None:
+        """(width, height) below which no image's preprocessing ever goes, so a large JPEG can
+        be decoded at a reduced scale down to it (``inputs.load_image``). Default: None (full
+        size), for backbones whose preprocessing size depends on the image."""
+        return None
+
     def prepare_image(self, image: Image.Image) -> Image.Image:
         """Thread-safe image work done ahead of ``image_tiles`` on a decode worker thread
         (``MagicEmbedder.encode`` overlaps it with the model); must not change what

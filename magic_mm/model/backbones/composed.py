@@ -83,6 +83,10 @@ class ComposedBackbone(Backbone):
     def tiny_spec(cls) -> dict[str, Any]:
         return {"vision": "efficientnet-lite0-random", "lm": "tiny-random-llama", "image_size": 128}
 
+    @property
+    def decode_size(self) -> tuple[int, int]:
+        return self.image_size, self.image_size  # every image becomes one square of this size
+
     def prepare_image(self, image: Image.Image) -> Image.Image:
         # The resize is most of image_tiles' cost; done here, on a decode thread, image_tiles'
         # own resize finds the size already right (PIL then only copies).
