@@ -226,10 +226,8 @@ def test_a_large_jpeg_sent_to_the_server_is_decoded_like_the_same_file_embedded_
     import base64
     import io
 
-    buffer = io.BytesIO()
-    make_image(1000, 700, seed=9).save(buffer, "JPEG")
-    jpeg = buffer.getvalue()
-    url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    url = data_url(make_image(1000, 700, seed=9), "JPEG")
+    jpeg = base64.b64decode(url.split(",", 1)[1])
     with ServerThread(create_app(tiny_composed, MODEL, None, ServeSettings())) as server:
         status, answer = post(server.url, "/v1/embeddings",
                               {"input": [[{"type": "image_url", "image_url": {"url": url}}]], "role": "candidate"})
