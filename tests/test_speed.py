@@ -455,8 +455,8 @@ def test_merged_lora_gives_the_same_vectors_and_keeps_the_trained_weights():
 
 
 def test_cpu_vision_calls_are_capped_and_give_the_same_grids(tiny_composed, monkeypatch):
-    """The vision encoder gets at most CPU_VISION_TILES_PER_CALL tiles a call on a CPU (cache-sized
-    chunks are faster there); the grids equal those of one call for every tile."""
+    """The vision encoder gets at most ``cpu_vision_tiles_per_call`` tiles a call on a CPU, in
+    calls as even as that allows; the grids equal those of one call for every tile."""
     from magic_mm.model.backbones import base
 
     backbone = tiny_composed.backbone
@@ -464,14 +464,48 @@ def test_cpu_vision_calls_are_capped_and_give_the_same_grids(tiny_composed, monk
     calls: list[int] = []
     original = backbone.vision_grid
     monkeypatch.setattr(backbone, "vision_grid", lambda pixels: calls.append(len(pixels)) or original(pixels))
-    monkeypatch.setattr(base, "CPU_VISION_TILES_PER_CALL", 2)
+    tile_bytes = 3 * backbone.image_size**2 * 4  # float32
+    monkeypatch.setattr(base, "MALLOC_FRESH_MAPPING_BYTES", 2 * base.WIDEST_ACTIVATION_PER_INPUT_BYTE * tile_bytes)
     chunked = backbone.vision_features(images)
     assert calls == [2, 2, 1]
-    monkeypatch.setattr(base, "CPU_VISION_TILES_PER_CALL", 10**9)
+    monkeypatch.setattr(base, "MALLOC_FRESH_MAPPING_BYTES", 3 * base.WIDEST_ACTIVATION_PER_INPUT_BYTE * tile_bytes)
+    backbone.vision_features(images[:4])
+    assert calls[3:] == [2, 2]  # as even as the cap allows: no lone tile
+    monkeypatch.setattr(base, "MALLOC_FRESH_MAPPING_BYTES", 10**12)
     whole = backbone.vision_features(images)
-    assert calls[3:] == [5]
+    assert calls[5:] == [5]
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a.features, b.features, rtol=1e-4, atol=1e-4)  # batch invariance, as elsewhere
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cpu_vision_call_of_the_default_model_stays_under_mallocs_fresh_mapping_size(default_model, dtype):
+    """glibc's malloc maps a block over 32 MiB afresh on every call, and the kernel faults in and
+    zeroes each of its pages again (4 bf16 tiles a call cost 2,352 page faults and 27 % more time
+    per image than 3, benchmarks/vision_batch.py). The cap keeps the widest activation of a call
+    of the default model's tiles under that size, and takes as many tiles as fit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from magic_mm.model.backbones import base
+    from magic_mm.model.backbones.composed import vision_for_inference
+
+    widest: list[int] = []
+
+    class RecordOutputs(TorchDispatchMode):  # every op, the fused oneDNN convolutions included
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                widest.append(out.numel() * out.element_size())
+            return out
+
+    vision = vision_for_inference(efficientnet_lite.load_variant("efficientnet-lite0-random", fold=True)).to(dtype)
+    tile = default_model.backbone.image_tiles(make_image(640, 480)).to(dtype)
+    with torch.inference_mode(), RecordOutputs():
+        vision.features(tile.contiguous(memory_format=torch.channels_last))
+    per_call = base.cpu_vision_tiles_per_call(tile[0])
+    assert per_call == {torch.float32: 1, torch.bfloat16: 3}[dtype]
+    assert per_call * max(widest) < base.MALLOC_FRESH_MAPPING_BYTES
+    assert (per_call + 1) * max(widest) >= base.MALLOC_FRESH_MAPPING_BYTES
 
 
 def test_bench_counts_the_flops_of_the_fused_onednn_ops(monkeypatch):

@@ -121,8 +121,9 @@ class PackedLinear(nn.Linear):
                 start = count - count % ROW_BLOCK
             calls = list(rows[:start].split(cap)) if start else []
             if start < count:
-                tail = rows.new_zeros(padded - start, rows.shape[1])
+                tail = rows.new_empty(padded - start, rows.shape[1])
                 tail[: count - start] = rows[start:]
+                tail[count - start :] = 0  # only the padding rows: a zero fill of the whole call cost as much as the copy
                 calls.append(tail)
         outs = [_linear(call, packed, self.bias) for call in calls]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)

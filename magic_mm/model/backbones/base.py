@@ -71,10 +71,22 @@ class ImageTokens:
 ImageInput = Image.Image | VisionGrid  # what ``encode_images`` takes per image
 
 
-# On a CPU the vision encoder's activations for many tiles at once spill out of the caches:
-# EfficientNet-Lite0 (448 px, bf16) took 44 ms per image at 8 tiles a call and 25 ms at 2-4
-# (benchmarks/vision_batch.py).  A GPU gets every tile in one call.
-CPU_VISION_TILES_PER_CALL = 4
+# On a CPU, glibc's malloc serves a block over 32 MiB with a fresh mmap and unmaps it on free,
+# so a vision-encoder call whose activations pass that size makes the kernel fault in and zero
+# every page of them again, on every call. EfficientNet-Lite0's widest map (96 channels at half
+# the tile size) is 8 bytes per byte of input tile: at 448 px in bf16, 9.6 MB a tile, so 3 tiles
+# a call stay under the line and 4 do not (49 against 2,352 page faults and 20.3 against 25.8 ms
+# per image, benchmarks/vision_batch.py). The ViTs' widest activations (their MLPs) are about 7×
+# their input, so the same rule serves every family. A GPU gets every tile in one call.
+MALLOC_FRESH_MAPPING_BYTES = 32 * 2**20
+WIDEST_ACTIVATION_PER_INPUT_BYTE = 8
+
+
+def cpu_vision_tiles_per_call(tile: torch.Tensor) -> int:
+    """Tiles like ``tile`` (one ``(3, H, W)`` tile, in the encoder's dtype) per CPU vision-encoder
+    call: as many as keep the widest activation under malloc's fresh-mapping size, at least one."""
+    per_tile = WIDEST_ACTIVATION_PER_INPUT_BYTE * tile.numel() * tile.element_size()
+    return max(1, MALLOC_FRESH_MAPPING_BYTES // per_tile)
 
 
 class Backbone(nn.Module, ABC):
@@ -158,8 +170,11 @@ class Backbone(nn.Module, ABC):
         """Uncompressed vision grids, one vision-encoder call for every tile of ``images``."""
         tiles = [self.image_tiles(img) for img in images]
         pixels = torch.cat(tiles).to(self.device, self.dtype)
-        per_call = CPU_VISION_TILES_PER_CALL if self.device.type == "cpu" else len(pixels)
-        grid = torch.cat([self.vision_grid(chunk) for chunk in pixels.split(per_call)])
+        per_call = cpu_vision_tiles_per_call(pixels[0]) if self.device.type == "cpu" else len(pixels)
+        # Calls as even as the cap allows: 4 tiles at 3 a call go as 2 + 2, as a lone tile costs
+        # more per tile than any other call size (34.3 against 20-22 ms, benchmarks/vision_batch.py).
+        calls = -(-len(pixels) // per_call)
+        grid = torch.cat([self.vision_grid(chunk) for chunk in pixels.tensor_split(calls)])
         return [VisionGrid(part) for part in grid.split([len(t) for t in tiles])]
 
     def encode_images(self, images: Sequence[ImageInput]) -> list[ImageTokens]:
