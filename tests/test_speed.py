@@ -454,6 +454,36 @@ def test_merged_lora_gives_the_same_vectors_and_keeps_the_trained_weights():
         torch.testing.assert_close(v, saved[k], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("mean, std", [(efficientnet_lite.PIXEL_MEAN, efficientnet_lite.PIXEL_STD),
+                                       ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_image_pixels_are_the_plain_nchw_arithmetic_bit_for_bit_laid_out_channels_last(mean, std, monkeypatch):
+    """The in-place HWC normalisation gives exactly the float32 numbers of ``(x / 255 - mean) / std``
+    on an NCHW view (shared values as scalars, per-channel ones as a vector), already in the
+    convolutions' channels-last layout; and a batch of such tiles enters the encoder in its dtype
+    with that layout."""
+    monkeypatch.setattr(efficientnet_lite, "PIXEL_MEAN", mean)
+    monkeypatch.setattr(efficientnet_lite, "PIXEL_STD", std)
+    image = make_image(300, 200, seed=3)
+    got = efficientnet_lite.image_pixels(image, 128)
+    plain = torch.from_numpy(np.asarray(efficientnet_lite.resize_square(image, 128), dtype=np.float32) / 255.0)
+    expected = ((plain.permute(2, 0, 1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])[None]
+    assert got.dtype == torch.float32 and got.shape == (1, 3, 128, 128)
+    assert torch.equal(got, expected)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_vision_features_batch_tiles_in_the_encoders_dtype_and_their_layout(tiny_composed, monkeypatch):
+    backbone = tiny_composed.backbone
+    seen: list[torch.Tensor] = []
+    original = backbone.vision_grid
+    monkeypatch.setattr(backbone, "vision_grid", lambda pixels: seen.append(pixels) or original(pixels))
+    images = [make_image(96, 64, seed) for seed in range(3)]
+    backbone.vision_features(images)
+    batch = torch.cat(seen)
+    assert batch.dtype == backbone.dtype and all(p.is_contiguous(memory_format=torch.channels_last) for p in seen)
+    assert torch.equal(batch, torch.cat([backbone.image_tiles(image) for image in images]).to(backbone.dtype))
+
+
 def test_cpu_vision_calls_are_capped_and_give_the_same_grids(tiny_composed, monkeypatch):
     """The vision encoder gets at most ``cpu_vision_tiles_per_call`` tiles a call on a CPU, in
     calls as even as that allows; the grids equal those of one call for every tile."""
