@@ -21,7 +21,7 @@ from serve_helpers import MODEL, data_url, post
 from magic_mm import MagicEmbedder
 from magic_mm.model.inputs import MMInput, prepare
 from magic_mm.serve.app import create_app
-from magic_mm.serve.batcher import BatchSettings
+from magic_mm.serve.batcher import BatchSettings, run_in_order
 from magic_mm.serve.limits import ServeSettings
 from magic_mm.serve.loadgen import vectors_of
 from magic_mm.serve.runner import ServerThread
@@ -175,6 +175,49 @@ def test_an_image_pass_is_split_over_single_threaded_workers_with_the_same_answe
     assert split.image_workers == 1
     np.testing.assert_allclose(split._embed_raw(items[:2], prompts[:2]), got[:2], atol=1e-5, rtol=0)
     assert ran[-1][0] == threading.current_thread().name
+
+
+def test_a_mixed_collection_runs_its_text_and_image_passes_side_by_side_with_the_same_answers(tiny_composed,
+                                                                                             two_threads):
+    """With image workers, the text pass runs on one worker while the photos run on the other:
+    each waits at a barrier that only both passes running at once can pass."""
+    from magic_mm.serve.app import Service
+
+    service = Service(tiny_composed, MODEL, None, ServeSettings(batch=BatchSettings(image_workers=2)))
+    inner = service._embed_in_batches
+    both_running = threading.Barrier(2, timeout=30)
+    ran: list[tuple[str, bool]] = []
+
+    def spy(items, prompts):
+        ran.append((threading.current_thread().name, items[0].image is not None))
+        both_running.wait()
+        return inner(items, prompts)
+
+    texts = [prepare("a dog on the beach"), prepare("two children playing football in a park")]
+    photos = [service.ready(prepare(make_image(60, 50, seed=70 + i))) for i in range(2)]
+    passes = [(texts, [("query", None)] * 2), (photos, [("candidate", None), ("query", "Find it.")])]
+    service._embed_in_batches = spy
+    try:
+        got = list(service._run_passes(passes))
+    finally:
+        service._embed_in_batches = inner
+        service.close()
+    assert [index for index, _ in got] == [0, 1]
+    assert sorted(kind for _, kind in ran) == [False, True]  # one text pass, one photo pass (2 photos)
+    assert len({name for name, _ in ran}) == 2 and all(name.startswith("magic-mm-image") for name, _ in ran)
+    in_turn = [vectors for _, vectors in run_in_order(service._embed_raw)(passes)]
+    for (_, vectors), expected in zip(got, in_turn):
+        np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=0)
+
+
+def test_the_text_worker_takes_photos_only_when_that_evens_the_workers():
+    from magic_mm.serve.app import photos_beside_texts
+
+    assert photos_beside_texts(7, 3, 2) == 0  # 7 queries weigh about as much as 3 photos
+    assert photos_beside_texts(1, 8, 2) == 3  # 1 query + 3 photos against 5 photos
+    assert photos_beside_texts(2, 1, 2) == 0
+    assert photos_beside_texts(1, 8, 3) == 2  # 1 query + 2 photos against 3 photos on each of two workers
+    assert photos_beside_texts(30, 2, 2) == 0
 
 
 def test_no_image_workers_on_too_few_threads(tiny_composed, monkeypatch):

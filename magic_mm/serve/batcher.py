@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +26,21 @@ from magic_mm.model.inputs import PreparedInput
 
 Prompt = tuple[str, "str | None"]  # (role, instruction) of one input
 EmbedFn = Callable[[list[PreparedInput], list[Prompt]], np.ndarray]  # raw vectors, one row per input
+Pass = tuple[list[PreparedInput], list[Prompt]]  # one forward pass: its inputs and their prompts
+# Runs a collection's passes (texts first, then images) and yields (pass index, its raw vectors or
+# the exception it raised) as each finishes.
+PassRunner = Callable[[list[Pass]], Iterator[tuple[int, "np.ndarray | Exception"]]]
+
+
+def run_in_order(embed: EmbedFn) -> PassRunner:
+    """The plain ``PassRunner``: one pass after the other, on the calling thread."""
+    def run(passes: list[Pass]) -> Iterator[tuple[int, np.ndarray | Exception]]:
+        for index, (items, prompts) in enumerate(passes):
+            try:
+                yield index, embed(items, prompts)
+            except Exception as exc:  # handed to the pass's requests, which answer with an error
+                yield index, exc
+    return run
 
 
 @dataclass
@@ -64,8 +79,12 @@ class BatchStats:
 
 
 class MicroBatcher:
-    def __init__(self, embed: EmbedFn, settings: BatchSettings | None = None) -> None:
+    def __init__(self, embed: EmbedFn, settings: BatchSettings | None = None,
+                 run_passes: PassRunner | None = None) -> None:
+        """``run_passes``: how a collection's passes run (default ``run_in_order(embed)``); the
+        server's runs a mixed collection's text and image passes side by side."""
         self.embed_fn = embed
+        self.run_passes = run_passes or run_in_order(embed)
         self.settings = settings or BatchSettings()
         self.stats = BatchStats()
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=self.settings.max_queue)
@@ -122,9 +141,10 @@ class MicroBatcher:
                 return
 
     def _process(self, jobs: list[_Job]) -> None:
-        """One forward pass for the texts, then one for the image inputs; each input carries its own
-        prompt (role and instruction), so queries and candidates share a pass.  Texts go first, as
-        they are quick, and a request is answered as soon as the last pass it has inputs in is done."""
+        """One forward pass for the texts and one for the image inputs; each input carries its own
+        prompt (role and instruction), so queries and candidates share a pass. ``run_passes`` runs
+        them (texts first, unless it runs both at once), and a request is answered as soon as the
+        last pass it has inputs in is done."""
         self.stats.collections += 1
         self.stats.collected.append(len(jobs))
         passes: dict[bool, list[tuple[_Job, int]]] = defaultdict(list)
@@ -135,16 +155,16 @@ class MicroBatcher:
                 passes[item.image is not None].append((job, position))
         results: dict[int, np.ndarray] = {}
         failed: set[int] = set()
-        for _, members in sorted(passes.items()):
-            items = [job.items[position] for job, position in members]
-            prompts = [(job.role, job.instruction) for job, _ in members]
-            try:
-                vectors = self.embed_fn(items, prompts)
-            except Exception as exc:  # handed to the waiting requests, which answer with an error
+        ordered = [members for _, members in sorted(passes.items())]  # texts first
+        runs = [([job.items[position] for job, position in members], [(job.role, job.instruction) for job, _ in members])
+                for members in ordered]
+        for index, vectors in self.run_passes(runs):
+            members, items = ordered[index], runs[index][0]
+            if isinstance(vectors, Exception):  # handed to the waiting requests, which answer with an error
                 for job, _ in members:
                     if id(job) not in failed:
                         failed.add(id(job))
-                        _resolve(job, exc)
+                        _resolve(job, vectors)
                 continue
             self.stats.batches += 1
             self.stats.inputs += len(items)
