@@ -35,7 +35,8 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request waits for others to batch with.")] = 10.0,
     max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before new ones get 503.")] = 256,
     image_workers: Annotated[int, typer.Option(
-        min=1, help="On a CPU, split each image pass over this many model threads (1: one pass).")] = 2,
+        min=1, help="On a CPU, split each image pass over this many model threads, and run a text "
+                  "pass beside the images (1: one pass at a time).")] = 2,
 ) -> None:
     """Serve the OpenAI-compatible API (/v1/embeddings, /v1/rerank, /v1/search) and the web page (/)."""
     from magic_mm.index.search import check_same_model
