@@ -279,3 +279,40 @@ def test_a_large_jpeg_sent_to_the_server_is_decoded_like_the_same_file_embedded_
     np.testing.assert_allclose(vectors_of(answer)[0], expected, atol=1e-5, rtol=0)
     full_size = tiny_composed.encode([Image.open(io.BytesIO(jpeg))], role="candidate")[0]
     assert np.abs(full_size - expected).max() > 1e-3  # the reduced scale did apply
+
+
+def test_a_request_waits_for_company_from_its_arrival_and_whatever_is_queued_is_taken():
+    """max_wait_ms counts from a request's arrival: requests that queued while a pass ran have
+    waited already, so the next pass takes them at once (all of them) instead of waiting again
+    for company; a request sent after that goes in the pass after."""
+    import asyncio
+
+    from magic_mm.serve.batcher import MicroBatcher
+
+    calls: list[list[str]] = []
+    first_running, release = threading.Event(), threading.Event()
+
+    def embed(items, prompts):
+        calls.append([item.text for item in items])
+        if len(calls) == 1:
+            first_running.set()
+            release.wait(30)
+        return np.ones((len(items), 4), dtype=np.float32)
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(embed, BatchSettings(max_batch=32, max_wait_ms=300))
+        batcher.start()
+        try:
+            a = asyncio.ensure_future(batcher.embed([prepare("a")], "query"))
+            await asyncio.to_thread(first_running.wait, 30)
+            queued = [asyncio.ensure_future(batcher.embed([prepare(t)], "query")) for t in ("b", "c")]
+            await asyncio.sleep(0.45)  # b and c have now waited longer than max_wait_ms
+            release.set()
+            await asyncio.sleep(0.15)  # under the old rule, b's pass would still wait for company
+            d = asyncio.ensure_future(batcher.embed([prepare("d")], "query"))
+            await asyncio.gather(a, d, *queued)
+        finally:
+            batcher.stop()
+
+    asyncio.run(scenario())
+    assert calls == [["a"], ["b", "c"], ["d"]]

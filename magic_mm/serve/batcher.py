@@ -2,12 +2,13 @@
 
 Requests put a job on a bounded queue (full queue → ``ServerBusyError``, answered 503).
 One worker thread owns the model: it takes the first waiting job, then keeps taking
-jobs until it has ``max_batch`` inputs or ``max_wait_ms`` has passed, and runs them
-together: one forward pass for the texts and one for the image inputs (a short text padded
-to an image prompt's length would cost as much as the image); each input keeps its own
-prompt role and instruction.  The model returns raw vectors;
-each request truncates (``dimensions``) and normalises its own rows, so an answer does
-not depend on which other requests shared its batch.
+jobs until it has ``max_batch`` inputs or the first job has waited ``max_wait_ms`` since it
+arrived (taking whatever is queued by then), and runs them together: one forward pass for
+the texts and one for the image inputs (a short text padded to an image prompt's length
+would cost as much as the image); each input keeps its own prompt role and instruction
+(``PassRunner`` says how the passes run). The model returns raw vectors; each request
+truncates (``dimensions``) and normalises its own rows, so an answer does not depend on which
+other requests shared its batch.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class _Job:
     instruction: str | None
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    arrived: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -121,14 +123,15 @@ class MicroBatcher:
             if first is None:
                 return
             jobs, count = [first], len(first.items)
-            deadline = time.monotonic() + self.settings.max_wait_ms / 1000
+            # A request waits at most max_wait_ms for company, counted from its arrival: one that
+            # queued during the previous pass has waited already, and the clients that pass just
+            # answered are 35 ms or more from sending again. What is queued is still taken.
+            deadline = first.arrived + self.settings.max_wait_ms / 1000
             stopping = False
             while count < self.settings.max_batch:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
                 try:
-                    job = self._queue.get(timeout=remaining)
+                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
