@@ -47,7 +47,7 @@ def run_in_order(embed: EmbedFn) -> PassRunner:
 @dataclass
 class BatchSettings:
     max_batch: int = 32  # inputs per forward pass
-    max_wait_ms: float = 10.0  # how long the first waiting request waits for company
+    max_wait_ms: float = 10.0  # how long a request waits for company, from its arrival
     max_queue: int = 256  # waiting requests; beyond this, new ones are refused (503)
     timeout_s: float = 120.0  # a request gives up waiting for its vectors after this
     # On a CPU, an image pass is split over this many model threads, each with its share of the
@@ -159,8 +159,8 @@ class MicroBatcher:
         results: dict[int, np.ndarray] = {}
         failed: set[int] = set()
         ordered = [members for _, members in sorted(passes.items())]  # texts first
-        runs = [([job.items[position] for job, position in members], [(job.role, job.instruction) for job, _ in members])
-                for members in ordered]
+        runs = [([job.items[position] for job, position in members],
+                 [(job.role, job.instruction) for job, _ in members]) for members in ordered]
         for index, vectors in self.run_passes(runs):
             members, items = ordered[index], runs[index][0]
             if isinstance(vectors, Exception):  # handed to the waiting requests, which answer with an error

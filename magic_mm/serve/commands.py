@@ -32,7 +32,7 @@ def serve(
     max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest image in pixels (width × height).")] = 16_000_000,
     max_inputs: Annotated[int, typer.Option(min=1, help="Inputs per embeddings call, documents per rerank call.")] = 128,
     max_batch: Annotated[int, typer.Option(min=1, help="Inputs per micro-batched forward pass.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request waits for others to batch with.")] = 10.0,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request waits, from its arrival, for others to batch with.")] = 10.0,
     max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before new ones get 503.")] = 256,
     image_workers: Annotated[int, typer.Option(
         min=1, help="On a CPU, split each image pass over this many model threads, and run a text "

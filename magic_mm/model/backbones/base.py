@@ -172,9 +172,9 @@ class Backbone(nn.Module, ABC):
         # Each tile is converted to the encoder's dtype as it is copied into the batch, which keeps
         # the tiles' layout (channels-last for EfficientNet): one pass instead of a concatenation,
         # a conversion and a change of layout.
-        layout = torch.channels_last if tiles[0].is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        channels_last = tiles[0].is_contiguous(memory_format=torch.channels_last)
         pixels = torch.empty((sum(len(t) for t in tiles), *tiles[0].shape[1:]), dtype=self.dtype, device=self.device,
-                             memory_format=layout)
+                             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         start = 0
         for tile in tiles:
             pixels[start : start + len(tile)].copy_(tile)
