@@ -12,7 +12,6 @@ compression to matter.
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
