@@ -85,7 +85,6 @@ class MicroBatcher:
                  run_passes: PassRunner | None = None) -> None:
         """``run_passes``: how a collection's passes run (default ``run_in_order(embed)``); the
         server's runs a mixed collection's text and image passes side by side."""
-        self.embed_fn = embed
         self.run_passes = run_passes or run_in_order(embed)
         self.settings = settings or BatchSettings()
         self.stats = BatchStats()
