@@ -158,9 +158,13 @@ class Service:
         if pool is None or len(items) < 2 or any(item.image is None for item in items):
             return self._embed_in_batches(items, prompts)
         parts = np.array_split(np.arange(len(items)), min(self.image_workers, len(items)))
-        futures = [pool.submit(self._embed_in_batches, [items[i] for i in part], [prompts[i] for i in part])
-                   for part in parts]
+        futures = [self._submit_part(pool, items, prompts, part) for part in parts]
         return np.concatenate([future.result() for future in futures])
+
+    def _submit_part(self, pool: ThreadPoolExecutor, items: list[PreparedInput],
+                     prompts: list[tuple[str, str | None]], part: np.ndarray) -> Future:
+        """The inputs at the indices ``part``, as one pass on an image worker."""
+        return pool.submit(self._embed_in_batches, [items[i] for i in part], [prompts[i] for i in part])
 
     def _run_passes(self, passes: list[Pass]) -> Iterator[tuple[int, np.ndarray | Exception]]:
         """A collection's passes (the batcher's ``PassRunner``). With image workers, a text pass and
@@ -180,8 +184,7 @@ class Service:
         parts = [part for part in np.array_split(np.arange(beside, len(photos)), self.image_workers - 1) if len(part)]
         if beside:  # submitted last: the first worker to be free takes it, normally the text pass's
             parts.append(np.arange(beside))
-        photo_passes = [(part[0], pool.submit(self._embed_in_batches, [photos[i] for i in part],
-                                              [photo_prompts[i] for i in part])) for part in parts]
+        photo_passes = [(part[0], self._submit_part(pool, photos, photo_prompts, part)) for part in parts]
         yield 0, _outcome(text_pass)
         outcomes = [_outcome(future) for _, future in sorted(photo_passes, key=lambda p: p[0])]
         failure = next((o for o in outcomes if isinstance(o, Exception)), None)
