@@ -31,7 +31,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from magic_mm.serve.app import create_app
+from magic_mm.serve.app import create_app, load_on_own_thread
 from magic_mm.serve.batcher import BatchSettings
 from magic_mm.serve.limits import ServeSettings
 from magic_mm.serve.loadgen import (check_answers, deviation, file_data_url, image_mix, post, request_mix, run_load,
@@ -87,7 +87,7 @@ def main() -> None:
 
     store = PageStore.open(args.db) if args.db else None
     model = args.model or (store.stamp.model if store else "magic-mm-tiny")
-    embedder = MagicEmbedder.from_pretrained(model, dtype=args.dtype)
+    embedder = load_on_own_thread(lambda: MagicEmbedder.from_pretrained(model, dtype=args.dtype))  # as `magic-mm serve`
     if store is not None:
         check_same_model(store, embedder, model)
     photos = None

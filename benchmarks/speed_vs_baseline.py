@@ -23,8 +23,10 @@ its vectors would differ for that reason alone).
 
 Variants: ``old`` (a8da1f2, float32), ``new`` (defaults: dtype auto), ``new-fp32``
 (``--dtype float32``: the layout/folding/threading gains alone), ``new-autocast``
-(float32 weights under ``torch.autocast(bfloat16)``, the alternative to bf16 weights) and
-``new-nothreads`` (defaults, images decoded inline: what the decode threads buy).
+(float32 weights under ``torch.autocast(bfloat16)``, the alternative to bf16 weights),
+``new-nothreads`` (defaults, images decoded inline: what the decode threads buy) and
+``new-unmerged`` (defaults, but LoRA kept apart from the base weights, as ``trainable=True``
+loads it: what merging buys where ``auto`` means float32).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "flickr8k-1k"
-VARIANTS = ("old", "new", "new-fp32", "new-autocast", "new-nothreads")
+VARIANTS = ("old", "new", "new-fp32", "new-autocast", "new-nothreads", "new-unmerged")
 
 
 # -- worker ------------------------------------------------------------------------------
@@ -60,6 +62,8 @@ def worker(variant: str, model_folder: str) -> None:
     kwargs = {}
     if variant in ("new-fp32", "new-autocast"):
         kwargs["dtype"] = "float32"
+    if variant == "new-unmerged":
+        kwargs["trainable"] = True
     model = MagicEmbedder.from_pretrained(model_folder, **kwargs)
     if variant == "new-nothreads":
         model.decode_threads = 0

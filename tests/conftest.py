@@ -81,3 +81,14 @@ def run_cli(monkeypatch, capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+def skip_without_cpu_bf16(dtype: object = "bfloat16") -> None:
+    """bf16 on a CPU needs oneDNN's bf16 kernels (AVX512-BW/VL/DQ or AVX-NE-CONVERT); on a CPU
+    without them (an AMD EPYC Zen 3) ``--dtype bfloat16`` is a clear error, tested on its own."""
+    import torch
+
+    from magic_mm.model.dtypes import cpu_runs_bf16
+
+    if dtype in ("bfloat16", torch.bfloat16) and not cpu_runs_bf16():
+        pytest.skip("this CPU has no oneDNN bf16 kernels")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import make_image
+from conftest import make_image, skip_without_cpu_bf16
 from serve_helpers import MODEL, data_url, post
 
 from magic_mm import MagicEmbedder
@@ -46,6 +46,7 @@ INPUTS = sum(len(expected[0]) for _, expected in REQUESTS)  # 8
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def model(request, tiny_composed):
+    skip_without_cpu_bf16(request.param)
     return tiny_composed if request.param == "float32" else MagicEmbedder.from_pretrained(MODEL, dtype="bfloat16")
 
 
@@ -232,6 +233,7 @@ def test_no_image_workers_on_too_few_threads(tiny_composed, monkeypatch):
 def test_the_server_warms_every_model_thread_before_its_first_request(monkeypatch):
     """Startup runs a text pass and a split image pass, so each model thread has measured its
     products' batch-invariant call sizes (and oneDNN built its kernels) before any client waits."""
+    skip_without_cpu_bf16()
     from magic_mm.model import packed_linear
 
     monkeypatch.setattr(packed_linear, "_invariant_calls", {})
@@ -316,3 +318,50 @@ def test_a_request_waits_for_company_from_its_arrival_and_whatever_is_queued_is_
 
     asyncio.run(scenario())
     assert calls == [["a"], ["b", "c"], ["d"]]
+
+
+def test_the_warm_up_runs_on_the_batcher_thread_and_a_failed_one_stops_the_start():
+    """The passes' thread is the one that warms up (its OpenMP team and kernels are the ones
+    that serve), and startup fails loudly rather than serving unwarmed."""
+    from magic_mm.serve.batcher import MicroBatcher
+
+    ran_on: list[str] = []
+    batcher = MicroBatcher(lambda items, prompts: np.zeros((len(items), 4), dtype=np.float32))
+    batcher.start(first=lambda: ran_on.append(threading.current_thread().name))
+    batcher.stop()
+    assert ran_on == ["magic-mm-batcher"]
+
+    def broken() -> None:
+        raise RuntimeError("warm-up failed")
+
+    failing = MicroBatcher(lambda items, prompts: np.zeros((len(items), 4), dtype=np.float32))
+    with pytest.raises(RuntimeError, match="warm-up failed"):
+        failing.start(first=broken)
+    assert failing._thread is None
+
+
+def test_a_model_loads_on_a_thread_that_ends_and_little_work_elsewhere_runs_on_one_thread(two_threads):
+    """The load's OpenMP team ends with its thread (benchmarks/openmp_teams.py measures what that
+    buys); ``one_intra_op_thread`` runs work on one intra-op thread and puts the count back."""
+    from magic_mm.serve.app import load_on_own_thread, one_intra_op_thread
+
+    loaded_on: list[threading.Thread] = []
+
+    def load() -> str:
+        loaded_on.append(threading.current_thread())
+        return "model"
+
+    assert load_on_own_thread(load) == "model"
+    assert loaded_on[0] is not threading.current_thread() and not loaded_on[0].is_alive()
+    with pytest.raises(ValueError, match="no such model"):
+        load_on_own_thread(lambda: (_ for _ in ()).throw(ValueError("no such model")))
+    counts: list[int] = []
+
+    def single_threaded() -> None:
+        with one_intra_op_thread():
+            counts.append(torch.get_num_threads())
+        counts.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=single_threaded)
+    thread.start(), thread.join()
+    assert counts == [1, 2]

@@ -14,7 +14,9 @@ from magic_mm import MagicEmbedder
 from magic_mm.errors import UserError
 from magic_mm.model import dtypes, efficientnet_lite
 from magic_mm.model import packed_linear as packed_linear_module
-from tests.conftest import make_image
+from tests.conftest import make_image, skip_without_cpu_bf16
+
+needs_cpu_bf16 = pytest.mark.skipif(not dtypes.cpu_runs_bf16(), reason="this CPU has no oneDNN bf16 kernels")
 
 
 # -- the vision encoder -------------------------------------------------------------------
@@ -82,6 +84,7 @@ def test_same_conv_never_pads_its_input_and_equals_tf_padding(size, monkeypatch)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_relu6_is_taken_on_cpu_and_equals_the_two_step_form(dtype, monkeypatch):
+    skip_without_cpu_bf16(dtype)
     net = efficientnet_lite.load_variant("efficientnet-lite0-random", fold=True).to(dtype)
     net = net.to(memory_format=torch.channels_last)
     pixels = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -134,6 +137,7 @@ def packed_linear(dtype: torch.dtype = torch.bfloat16) -> packed_linear_module.P
     return layer
 
 
+@needs_cpu_bf16
 def test_packed_linear_multiplies_by_its_packed_weight_in_bf16():
     layer = packed_linear()
     x = torch.randn(2, 22, 64).bfloat16()
@@ -151,6 +155,7 @@ def test_packed_linear_multiplies_by_its_packed_weight_in_bf16():
     torch.testing.assert_close(replaced, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1.6e-2, atol=1e-2)
 
 
+@needs_cpu_bf16
 def test_packed_linear_is_plain_in_float32_and_when_a_gradient_is_needed():
     fp32 = packed_linear(torch.float32)
     x = torch.randn(3, 64)
@@ -162,6 +167,7 @@ def test_packed_linear_is_plain_in_float32_and_when_a_gradient_is_needed():
     assert bf16._packed is None and bf16.weight.grad is not None
 
 
+@needs_cpu_bf16
 def test_packed_linear_copies_and_pickles_without_its_packed_weight():
     import copy
     import pickle
@@ -191,6 +197,7 @@ def test_packed_rows_get_the_same_numbers_whatever_shares_their_call():
         assert layer(x[:0]).shape == (0, 1536)
 
 
+@needs_cpu_bf16
 def test_every_call_size_used_rounds_like_64_row_calls_for_every_product_of_the_default_model(default_model):
     """The premise of invariant_call_rows, checked on the shipped weights and on other numbers than
     it measured with: for every product magic-mm-tiny runs (the LM head, 576 × 49152, is never
@@ -218,6 +225,7 @@ def test_every_call_size_used_rounds_like_64_row_calls_for_every_product_of_the_
         torch.set_num_threads(threads)
 
 
+@needs_cpu_bf16
 def test_invariant_call_rows_stops_below_the_first_call_size_that_rounds_differently(monkeypatch):
     real = packed_linear_module._linear
 
@@ -257,6 +265,7 @@ def test_row_lengths_come_from_either_kind_of_4d_mask():
 
 
 @pytest.mark.parametrize("family", ["composed", "internvl", "qwen_vl", "idefics3"])
+@needs_cpu_bf16
 def test_bf16_vectors_do_not_depend_on_what_shares_the_batch(family):
     from magic_mm.model.row_attention import ROWWISE_SDPA
 
@@ -272,6 +281,7 @@ def test_bf16_vectors_do_not_depend_on_what_shares_the_batch(family):
 
 
 @pytest.mark.parametrize("family", ["composed", "internvl", "qwen_vl", "idefics3"])
+@needs_cpu_bf16
 def test_bf16_on_a_cpu_packs_the_lms_linears_and_float32_does_not(family):
     bf16 = MagicEmbedder.from_pretrained(f"tiny-random-{family}", dtype="bfloat16")
     fp32 = MagicEmbedder.from_pretrained(f"tiny-random-{family}", dtype="float32")
@@ -312,6 +322,7 @@ def test_auto_dtype_on_a_gpu(monkeypatch, bf16, expected):
     assert dtypes.resolve_dtype("auto", "cuda") == expected
 
 
+@needs_cpu_bf16
 def test_env_changes_what_auto_means_but_not_an_explicit_dtype(monkeypatch):
     monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"amx_bf16"}))
     monkeypatch.setenv(dtypes.DTYPE_ENV, "float32")
@@ -342,6 +353,7 @@ def test_bad_dtype_and_device_are_user_errors():
         MagicEmbedder.from_pretrained("tiny-random-composed", device="tpu-ish")
 
 
+@needs_cpu_bf16
 def test_bf16_vectors_stay_close_to_fp32(tiny_composed):
     bf16 = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="bfloat16")
     inputs = ["a dog on the grass", make_image(96, 64, 1), (make_image(80, 80, 2), "two cats"), "x"]
@@ -400,6 +412,7 @@ def test_prepare_image_runs_off_the_main_thread(tiny_composed, monkeypatch):
 
 
 # -- the dtype an index records -----------------------------------------------------------
+@needs_cpu_bf16
 def test_index_built_in_fp32_is_searched_in_bf16_with_a_note(tmp_path, tiny_composed):
     from magic_mm.index.store import ModelStamp, PageStore
 
@@ -417,6 +430,7 @@ def test_index_built_in_fp32_is_searched_in_bf16_with_a_note(tmp_path, tiny_comp
     assert ModelStamp(**legacy).dtype == "float32"
 
 
+@needs_cpu_bf16
 def test_cli_index_in_fp32_searched_in_bf16_says_so(run_cli, tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -452,6 +466,48 @@ def test_merged_lora_gives_the_same_vectors_and_keeps_the_trained_weights():
     np.testing.assert_allclose(model.encode(inputs), before, atol=1e-5)
     for k, v in model.trained_state_dict().items():
         torch.testing.assert_close(v, saved[k], atol=0, rtol=0)
+
+
+def test_bf16_on_a_cpu_without_onednn_bf16_kernels_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(dtypes, "cpu_runs_bf16", lambda: False)
+    with pytest.raises(UserError, match="no oneDNN bf16 kernels.*--dtype float32"):
+        dtypes.resolve_dtype("bfloat16")
+    monkeypatch.setenv("MAGIC_MM_DTYPE", "bfloat16")
+    with pytest.raises(UserError, match="no oneDNN bf16 kernels"):
+        dtypes.resolve_dtype("auto")
+    assert dtypes.resolve_dtype("float32") == torch.float32
+
+
+def test_a_model_loads_with_lora_merged_for_inference_and_separate_when_trainable(tmp_path):
+    """float32 too: inference gets one product per adapted layer; training (``trainable=True``,
+    as the training loop loads) keeps the adapters separate, so they still get gradients."""
+    from peft.tuners.lora import LoraLayer
+
+    model = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="float32")
+    model.add_lora()
+    with torch.no_grad():
+        for name, p in model.trained_parameters().items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    inputs = ["a dog on the grass", make_image(96, 64, 3)]
+    unmerged = model.encode(inputs)
+    folder = model.save_pretrained(tmp_path / "m")
+
+    def lora_layers(m: MagicEmbedder) -> list:
+        return [x for x in m.backbone.decoder.modules() if isinstance(x, LoraLayer)]
+
+    served = MagicEmbedder.from_pretrained(folder, dtype="float32")
+    trainable = MagicEmbedder.from_pretrained(folder, dtype="float32", trainable=True)
+    assert lora_layers(served) and all(layer.merged for layer in lora_layers(served))
+    assert lora_layers(trainable) and not any(layer.merged for layer in lora_layers(trainable))
+    np.testing.assert_allclose(served.encode(inputs), unmerged, atol=1e-5)
+    np.testing.assert_allclose(trainable.encode(inputs), unmerged, atol=1e-5)
+    for k, v in served.trained_state_dict().items():  # what save_pretrained and the index stamp see
+        torch.testing.assert_close(v, trainable.trained_state_dict()[k], atol=0, rtol=0)
+    lora_b = next(p for name, p in trainable.trained_parameters().items() if "lora_B" in name)
+    lora_b.requires_grad_(True)
+    trainable.embed_prepared(trainable.prepare(inputs[:1]), "query").sum().backward()
+    assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("mean, std", [(efficientnet_lite.PIXEL_MEAN, efficientnet_lite.PIXEL_STD),
@@ -514,6 +570,7 @@ def test_a_cpu_vision_call_of_the_default_model_stays_under_mallocs_fresh_mappin
     zeroes each of its pages again (4 bf16 tiles a call cost 2,352 page faults and 27 % more time
     per image than 3, benchmarks/vision_batch.py). The cap keeps the widest activation of a call
     of the default model's tiles under that size, and takes as many tiles as fit."""
+    skip_without_cpu_bf16(dtype)
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from magic_mm.model.backbones import base
@@ -538,6 +595,7 @@ def test_a_cpu_vision_call_of_the_default_model_stays_under_mallocs_fresh_mappin
     assert (per_call + 1) * max(widest) >= base.MALLOC_FRESH_MAPPING_BYTES
 
 
+@needs_cpu_bf16
 def test_bench_counts_the_flops_of_the_fused_onednn_ops(monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 

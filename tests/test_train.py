@@ -477,6 +477,9 @@ def test_gradcache_gives_the_gradients_of_a_plain_step(toy_data, toy_grids, tmp_
 
 def test_training_keeps_float32_weights_where_inference_would_pick_bf16(toy_data, toy_grids, tmp_path, monkeypatch):
     """On a bf16 CPU the inference default is bf16 weights; AdamW needs float32 master weights."""
+    from conftest import skip_without_cpu_bf16
+
+    skip_without_cpu_bf16()
     monkeypatch.setenv("MAGIC_MM_DTYPE", "bfloat16")  # what "auto" resolves to on this machine
     from magic_mm import MagicEmbedder
 

@@ -80,17 +80,30 @@ def cuda_has_bf16(device: torch.device) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+@functools.cache
+def cpu_runs_bf16() -> bool:
+    """Whether oneDNN runs bf16 here, tried once: its bf16 convolutions and packed products refuse
+    a CPU without AVX512-BW/VL/DQ or AVX-NE-CONVERT (an AMD EPYC of the Zen 3 generation)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), None)
+    except RuntimeError:
+        return False
+    return True
+
+
 def resolve_dtype(value: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
     """The dtype to run in on ``device``: ``value`` if given, else the device's best (see module doc)."""
-    explicit = parse_dtype(value)
-    if explicit is not None:
-        return explicit
-    env = os.environ.get(DTYPE_ENV)
-    if env:
-        chosen = parse_dtype(env, f"${DTYPE_ENV}")
-        if chosen is not None:
-            return chosen
     dev = torch.device(device)
+    explicit = parse_dtype(value)
+    env = os.environ.get(DTYPE_ENV)
+    chosen = explicit if explicit is not None else parse_dtype(env, f"${DTYPE_ENV}") if env else None
+    if chosen is not None:
+        if chosen == torch.bfloat16 and dev.type == "cpu" and not cpu_runs_bf16():
+            raise DtypeError("dtype bfloat16: this CPU has no oneDNN bf16 kernels (they need AVX512-BW/VL/DQ or "
+                            "AVX-NE-CONVERT); use --dtype float32 or auto")
+        return chosen
     if dev.type == "cuda":
         return torch.bfloat16 if cuda_has_bf16(dev) else torch.float32
     if dev.type == "cpu":

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from magic_mm.model import dtypes
+
 # Rows are padded to a multiple of ROW_BLOCK (64: one s = 2 candidate of 58 tokens, or a query)
 # and multiplied in calls of at most the shape's invariant_call_rows. Which call sizes round like
 # 64-row calls differs by shape and thread count and is not monotonic (on this CPU, 1536 → 576 on
@@ -70,7 +72,7 @@ def invariant_call_rows(in_features: int, out_features: int, has_bias: bool, thr
 
 
 def packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return dtypes.cpu_runs_bf16()
 
 
 class PackedLinear(nn.Linear):

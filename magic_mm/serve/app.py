@@ -17,11 +17,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ from magic_mm.serve.limits import (
 log = logging.getLogger("magic_mm.serve")
 THUMBNAIL_SIZE = 256
 ROLES = ("query", "candidate")
+T = TypeVar("T")
 
 
 def _use_threads(count: int) -> None:
@@ -67,6 +68,46 @@ def _use_threads(count: int) -> None:
     # now, while that count is this one, so that putting the process-wide count back later
     # leaves this thread's alone.
     torch.get_num_threads()
+
+
+def load_on_own_thread(load: Callable[[], T]) -> T:
+    """``load()`` (a model load) run on a thread of its own that then ends.
+
+    torch's OpenMP (libgomp) keeps a team of worker threads for every thread that has run a
+    parallel op. Once the teams hold more threads than the CPU has cores, libgomp stops spinning
+    between parallel regions, and every parallel op pays a futex wake-up instead: on 2 cores, a
+    58 × 576 add took 7.6 µs on a new thread after a load here and 123 µs after a load on the
+    main thread, and a one-at-a-time server answered a photo in 225 against 599 ms
+    (``benchmarks/openmp_teams.py``). A thread's team ends with the thread, so loading here leaves
+    the batcher's thread, which runs every pass and its warm-up, the only team.
+    """
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(load())
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="magic-mm-load", daemon=True)  # Ctrl-C need not wait
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+@contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """Run a little model work off the batcher's thread without forming an OpenMP team there
+    (``load_on_own_thread``); the thread's count is put back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def image_worker_pool(embedder: MagicEmbedder, workers: int) -> ThreadPoolExecutor | None:
@@ -229,7 +270,8 @@ class Service:
         with self._reranker_lock:
             if self._reranker is None and self._reranker_error is None:
                 try:
-                    self._reranker = self.reranker_loader(self.model)
+                    with one_intra_op_thread():  # a request thread: see rerank_scores
+                        self._reranker = self.reranker_loader(self.model)
                 except RerankerUnavailableError as exc:
                     self._reranker_error = str(exc)
             if self._reranker is None:
@@ -239,7 +281,9 @@ class Service:
     def rerank_scores(self, query: MMInput, candidates: list[MMInput],
                       first_stage_scores: list[float] | None = None) -> list[float]:
         reranker = self.reranker()
-        with self._reranker_lock:
+        # One intra-op thread: a second OpenMP team, on this request thread, would make every
+        # later pass of the batcher pay a futex wake-up per op (``load_on_own_thread``).
+        with self._reranker_lock, one_intra_op_thread():
             return reranker_scores(reranker, query, candidates, first_stage_scores)
 
     def search(self, vector: np.ndarray, k: int, query: PreparedInput, rerank: bool, exact: bool) -> list[Hit]:
@@ -248,7 +292,7 @@ class Service:
         if not rerank:
             return retrieve(self.store, vector, k, exact=exact)
         reranker = self.reranker()
-        with self._reranker_lock:
+        with self._reranker_lock, one_intra_op_thread():  # as in rerank_scores
             return retrieve(self.store, vector, k, MMInput(text=query.text, image=query.image, name="query"),
                             reranker, self.settings.rerank_top, exact)
 
@@ -275,7 +319,9 @@ class Service:
             with self._visual_tokens_lock:
                 count = self._visual_tokens.get(layout)
                 if count is None:
-                    count = self._visual_tokens[layout] = int(self.embedder.backbone.visual_tokens(width, height))
+                    with one_intra_op_thread():  # on the event loop: no OpenMP team beside the batcher's
+                        count = int(self.embedder.backbone.visual_tokens(width, height))
+                    self._visual_tokens[layout] = count
         return count
 
 
@@ -288,8 +334,7 @@ def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = No
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
-        service.warm_up()
-        service.batcher.start()
+        service.batcher.start(first=service.warm_up)  # warmed on the thread that runs the passes
         yield
         service.batcher.stop()
         service.close()

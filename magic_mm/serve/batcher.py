@@ -19,6 +19,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,10 +92,30 @@ class MicroBatcher:
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=self.settings.max_queue)
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    def start(self, first: Callable[[], None] | None = None) -> None:
+        """Start the worker thread; ``first`` (a warm-up pass) runs on it before any request, and
+        this returns once it has (raising what it raised). The passes' parallel work then stays on
+        one thread: see ``magic_mm.serve.app.load_on_own_thread`` for why that matters."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="magic-mm-batcher", daemon=True)
+            done: Future[None] = Future()
+
+            def run() -> None:
+                try:
+                    if first is not None:
+                        first()
+                except BaseException as exc:  # noqa: BLE001 - handed to start's caller
+                    done.set_exception(exc)
+                    return
+                done.set_result(None)
+                self._run()
+
+            self._thread = threading.Thread(target=run, name="magic-mm-batcher", daemon=True)
             self._thread.start()
+            try:
+                done.result()
+            except BaseException:
+                self._thread = None
+                raise
 
     def stop(self) -> None:
         if self._thread is not None:

@@ -41,14 +41,14 @@ def serve(
     """Serve the OpenAI-compatible API (/v1/embeddings, /v1/rerank, /v1/search) and the web page (/)."""
     from magic_mm.index.search import check_same_model
     from magic_mm.index.store import PageStore
-    from magic_mm.serve.app import create_app
+    from magic_mm.serve.app import create_app, load_on_own_thread
     from magic_mm.serve.batcher import BatchSettings
     from magic_mm.serve.limits import ServeSettings
     from magic_mm.serve.runner import serve_forever
 
     store = PageStore.open(db) if db is not None else None
     model = model or (store.stamp.model if store is not None else "magic-mm-tiny")
-    embedder = index_commands.load_embedder(model, compression, dtype=dtype)
+    embedder = load_on_own_thread(lambda: index_commands.load_embedder(model, compression, dtype=dtype))
     if store is not None:
         note = check_same_model(store, embedder, model)
         if note:

@@ -209,7 +209,8 @@ class Trainer:
         else:
             # float32 master weights: AdamW steps on bf16 weights lose small updates; the
             # config's mixed precision (autocast) is where bf16 belongs in training.
-            model = MagicEmbedder.from_pretrained(cfg.model, compression=cfg.compression, dtype="float32")
+            model = MagicEmbedder.from_pretrained(cfg.model, compression=cfg.compression, dtype="float32",
+                                                  trainable=True)
         if cfg.train_lm == "lora" and model.config.lora is None:
             model.add_lora(cfg.lora)
         for p in model.parameters():
