@@ -50,15 +50,16 @@ def plain_linears() -> Iterator[None]:
         PackedLinear._packed_weight = packed  # type: ignore[method-assign]
 
 
-def products(rounds: int) -> None:
+def products(rounds: int, dtype: torch.dtype) -> None:
+    print(f"{dtype}, {torch.get_num_threads()} threads, {rounds} interleaved rounds (medians)")
     print("| K × N | M | F.linear µs | packed µs | packed speed-up |")
     print("|---|---:|---:|---:|---:|")
     torch.manual_seed(0)
     for k, n in SHAPES:
-        weight = torch.randn(n, k, dtype=torch.bfloat16) * 0.05
+        weight = torch.randn(n, k, dtype=dtype) * 0.05
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         for m in ROWS:
-            x = torch.randn(m, k, dtype=torch.bfloat16)
+            x = torch.randn(m, k, dtype=dtype)
             plain_fn = lambda: F.linear(x, weight)  # noqa: E731
             packed_fn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
             plain_fn(), packed_fn()
@@ -106,10 +107,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-products", action="store_true")
+    parser.add_argument("--products-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="part 1's dtype (float32: would packing help a CPU without bf16?)")
+    parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
     if not args.skip_products:
-        products(args.rounds)
-    end_to_end(args.rounds)
+        products(args.rounds, getattr(torch, args.products_dtype))
+    if not args.skip_end_to_end:
+        end_to_end(args.rounds)
 
 
 if __name__ == "__main__":

@@ -478,6 +478,14 @@ def test_bf16_on_a_cpu_without_onednn_bf16_kernels_is_a_clear_error(monkeypatch)
     assert dtypes.resolve_dtype("float32") == torch.float32
 
 
+def test_the_cli_says_to_use_float32_on_a_cpu_without_bf16_kernels(run_cli, monkeypatch, tmp_path):
+    monkeypatch.setattr(dtypes, "cpu_runs_bf16", lambda: False)
+    code, _, err = run_cli("embed", "--text", "a cat", "--out", tmp_path / "v.npy", "--model", "tiny-random-composed",
+                           "--dtype", "bfloat16", "-q")
+    assert code != 0 and "no oneDNN bf16 kernels" in err and "--dtype float32" in err
+    assert "Traceback" not in err and not (tmp_path / "v.npy").exists()
+
+
 def test_a_model_loads_with_lora_merged_for_inference_and_separate_when_trainable(tmp_path):
     """float32 too: inference gets one product per adapted layer; training (``trainable=True``,
     as the training loop loads) keeps the adapters separate, so they still get gradients."""
