@@ -6,7 +6,8 @@
     .venv/bin/python benchmarks/serve_load.py --db magic.lance        # the mixed load adds /v1/search
     .venv/bin/python benchmarks/serve_load.py --mix image --unsplit   # + image passes not split
 
-Two servers on 127.0.0.1 share one model: "one at a time" (max_batch=1: the model sees one
+Two servers on 127.0.0.1, each in a process of its own (as in production; two servers in one
+process would share libgomp's thread budget and slow each other), load the same model: "one at a time" (max_batch=1: the model sees one
 request per forward pass) and "micro-batched" (--max-batch, --max-wait-ms, image passes split
 over --image-workers model threads).  --unsplit adds a third, micro-batched with each image
 pass in one piece, to the same rounds.  All get the
@@ -28,7 +29,10 @@ more than 1e-4, and the largest difference of any vector component.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 from magic_mm.serve.app import create_app, load_on_own_thread
@@ -63,6 +67,58 @@ def steal_share(start: tuple[int, int] | None, end: tuple[int, int] | None) -> f
     return (end[0] - start[0]) / (end[1] - start[1])
 
 
+class ServerProcess:
+    """One server in a child process of this script; the parent sends the load over HTTP."""
+
+    def __init__(self, name: str, max_batch: int, image_workers: int, model: str, args: argparse.Namespace) -> None:
+        command = [sys.executable, str(Path(__file__).resolve()), "--child", f"{max_batch}:{image_workers}",
+                   "--model", model, "--dtype", args.dtype, "--clients", str(args.clients),
+                   "--max-wait-ms", str(args.max_wait_ms)] + (["--db", str(args.db)] if args.db else [])
+        self.name = name
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = json.loads(self._read("READY "))
+        self.url = self.info["url"]
+
+    def _read(self, prefix: str) -> str:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        raise RuntimeError(f"server {self.name!r} exited ({self.proc.wait()})")
+
+    def sizes(self) -> list[int]:
+        """Inputs of every forward pass the server has run so far."""
+        self.proc.stdin.write("stats\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return json.loads(self._read("STATS "))
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        self.proc.wait(timeout=60)
+
+
+def serve_one(args: argparse.Namespace) -> None:
+    """The child: load the model as ``magic-mm serve`` does, serve until stdin closes."""
+    from magic_mm import MagicEmbedder
+    from magic_mm.index.search import check_same_model
+    from magic_mm.index.store import PageStore
+
+    max_batch, image_workers = (int(x) for x in args.child.split(":"))
+    store = PageStore.open(args.db) if args.db else None
+    embedder = load_on_own_thread(lambda: MagicEmbedder.from_pretrained(args.model, dtype=args.dtype))
+    if store is not None:
+        check_same_model(store, embedder, args.model)
+    app = create_app(embedder, args.model, store, ServeSettings(batch=BatchSettings(
+        max_batch=max_batch, max_wait_ms=args.max_wait_ms, max_queue=4 * args.clients, image_workers=image_workers)))
+    service = app.state.service
+    with ServerThread(app) as server:
+        dtype = str(next(embedder.backbone.parameters()).dtype).removeprefix("torch.")
+        print("READY " + json.dumps({"url": server.url, "dtype": dtype, "image_workers": service.image_workers}),
+              flush=True)
+        for line in sys.stdin:
+            if line.strip() == "stats":
+                print("STATS " + json.dumps(service.batcher.stats.sizes), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", type=Path, default=None, help="index for the search requests of the mixed load")
@@ -79,22 +135,23 @@ def main() -> None:
                         help="model threads an image pass is split over on a CPU (1: one pass)")
     parser.add_argument("--unsplit", action="store_true",
                         help="add a third server, micro-batched with image passes not split, to the same rounds")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # NAME:MAX_BATCH:IMAGE_WORKERS, one server
     args = parser.parse_args()
+    if args.child:
+        serve_one(args)
+        return
 
-    from magic_mm import MagicEmbedder
-    from magic_mm.index.search import check_same_model
-    from magic_mm.index.store import PageStore
+    store_model = None
+    if args.db:
+        from magic_mm.index.store import PageStore
 
-    store = PageStore.open(args.db) if args.db else None
-    model = args.model or (store.stamp.model if store else "magic-mm-tiny")
-    embedder = load_on_own_thread(lambda: MagicEmbedder.from_pretrained(model, dtype=args.dtype))  # as `magic-mm serve`
-    if store is not None:
-        check_same_model(store, embedder, model)
+        store_model = PageStore.open(args.db).stamp.model
+    model = args.model or store_model or "magic-mm-tiny"
     photos = None
     if args.images:
         photos = [file_data_url(str(p)) for p in sorted(args.images.iterdir())
                   if p.suffix.lower() in PHOTO_SUFFIXES][:16]
-    mixes = {"text": text_mix(), "image": image_mix(photos), "mixed": request_mix(with_search=store is not None)}
+    mixes = {"text": text_mix(), "image": image_mix(photos), "mixed": request_mix(with_search=args.db is not None)}
     if args.mix != "all":
         mixes = {args.mix: mixes[args.mix]}
 
@@ -102,16 +159,13 @@ def main() -> None:
     variants = {"one at a time": (1, args.image_workers), "micro-batched": (args.max_batch, args.image_workers)}
     if args.unsplit:
         variants[UNSPLIT] = (args.max_batch, 1)
-    apps = {name: create_app(embedder, model, store, ServeSettings(batch=BatchSettings(
-        max_batch=size, max_wait_ms=args.max_wait_ms, max_queue=4 * args.clients, image_workers=workers)))
-        for name, (size, workers) in variants.items()}
-    servers = {name: ServerThread(app) for name, app in apps.items()}
-    for server in servers.values():
-        server.__enter__()
-    dtype = str(next(embedder.backbone.parameters()).dtype).removeprefix("torch.")
-    print(f"{model} ({dtype}) · {args.clients} clients · {args.rounds} rounds × {args.per_client} requests per "
-          f"client per server · max_batch {args.max_batch}, max_wait {args.max_wait_ms:g} ms, "
-          f"image passes split over {apps['micro-batched'].state.service.image_workers}", flush=True)
+    # One process per server, as in production: each batcher's thread then holds its process's only
+    # OpenMP team (two servers in one process would slow each other's every op; docs/serving.md).
+    servers = {name: ServerProcess(name, size, workers, model, args) for name, (size, workers) in variants.items()}
+    info = servers["micro-batched"].info
+    print(f"{model} ({info['dtype']}) · {args.clients} clients · {args.rounds} rounds × {args.per_client} requests "
+          f"per client per server · max_batch {args.max_batch}, max_wait {args.max_wait_ms:g} ms, "
+          f"image passes split over {info['image_workers']} · one process per server", flush=True)
     try:
         rows, quiet_notes = [], []
         for mix_name, mix in mixes.items():
@@ -122,7 +176,7 @@ def main() -> None:
                         post(servers[name].url, path, body)
             passes: dict[str, list] = {name: [] for name in variants}
             quiet_rounds: list[bool] = []
-            before = {name: len(app.state.service.batcher.stats.sizes) for name, app in apps.items()}
+            before = {name: len(server.sizes()) for name, server in servers.items()}
             for r in range(args.rounds):
                 order = list(variants) if r % 2 == 0 else list(reversed(variants))
                 round_steal = []
@@ -145,7 +199,7 @@ def main() -> None:
                                       + ", ".join(f"{x:.2f}" for x in quiet) + ")" if quiet else "none"))
             for name in variants:
                 results = passes[name]
-                sizes = apps[name].state.service.batcher.stats.sizes[before[name]:]
+                sizes = servers[name].sizes()[before[name]:]
                 latencies = [x for result in results for x in result.latencies]
                 rows.append((mix_name, name, sum(r.requests for r in results), sum(len(r.errors) for r in results),
                              statistics.median(latencies) * 1000, statistics.median(r.throughput for r in results),
@@ -155,7 +209,7 @@ def main() -> None:
                              statistics.median(ratios[name]) if name in ratios else None, ratios.get(name)))
     finally:
         for server in servers.values():
-            server.__exit__(None, None, None)
+            server.close()
 
     print("\n| mix | server | requests | errors | median latency (ms) | requests/s (median of rounds) | "
           "inputs per forward pass | answers off by > 1e-4 | largest difference | throughput ratio |")
