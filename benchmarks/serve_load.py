@@ -6,9 +6,9 @@
     .venv/bin/python benchmarks/serve_load.py --db magic.lance        # the mixed load adds /v1/search
     .venv/bin/python benchmarks/serve_load.py --mix image --unsplit   # + image passes not split
 
-Two servers on 127.0.0.1, each in a process of its own (as in production; two servers in one
-process would share libgomp's thread budget and slow each other), load the same model: "one at a time" (max_batch=1: the model sees one
-request per forward pass) and "micro-batched" (--max-batch, --max-wait-ms, image passes split
+Two servers on 127.0.0.1, each in a process of its own (as in production: two in one process
+would each keep an OpenMP team and slow each other; docs/serving.md), load the same model:
+"one at a time" (max_batch=1: the model sees one request per forward pass) and "micro-batched" (--max-batch, --max-wait-ms, image passes split
 over --image-workers model threads).  --unsplit adds a third, micro-batched with each image
 pass in one piece, to the same rounds.  All get the
 same load: --clients threads, each sending its requests back to back.  Each distinct
@@ -135,7 +135,7 @@ def main() -> None:
                         help="model threads an image pass is split over on a CPU (1: one pass)")
     parser.add_argument("--unsplit", action="store_true",
                         help="add a third server, micro-batched with image passes not split, to the same rounds")
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # NAME:MAX_BATCH:IMAGE_WORKERS, one server
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # MAX_BATCH:IMAGE_WORKERS: be one server
     args = parser.parse_args()
     if args.child:
         serve_one(args)

@@ -160,7 +160,7 @@ class MagicEmbedder(torch.nn.Module):
             model.source_state = {k: v.detach().clone() for k, v in model.trained_state_dict().items()}
         if not trainable:
             # LoRA merged into the base weights, in float32 before any cast (one rounding): 2/3
-            # fewer LM products, 5–8 % faster in float32 (docs/speed.md). The adapters
+            # fewer LM products, 1.10× in float32 (docs/speed.md). The adapters
             # themselves stay as saved, so save_pretrained and the index stamp see no change.
             model.merge_lora()
         model = model.to(device=target, dtype=run_dtype).eval()
