@@ -8,9 +8,9 @@
 
 Two servers on 127.0.0.1, each in a process of its own (as in production: two in one process
 would each keep an OpenMP team and slow each other; docs/serving.md), load the same model:
-"one at a time" (max_batch=1: the model sees one request per forward pass) and "micro-batched" (--max-batch, --max-wait-ms, image passes split
-over --image-workers model threads).  --unsplit adds a third, micro-batched with each image
-pass in one piece, to the same rounds.  All get the
+"one at a time" (max_batch=1: the model sees one request per forward pass) and "micro-batched"
+(--max-batch, --max-wait-ms, image passes split over --image-workers model threads).  --unsplit
+adds a third, micro-batched with each image pass in one piece, to the same rounds.  All get the
 same load: --clients threads, each sending its requests back to back.  Each distinct
 request is first sent alone to each (unmeasured warm-up; the first server's answers are the
 single-request answers).  Then --rounds rounds alternate the servers (one round: each
