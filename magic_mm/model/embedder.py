@@ -172,17 +172,27 @@ class MagicEmbedder(torch.nn.Module):
         return model
 
     def merge_lora(self) -> int:
-        """Add every LoRA delta into its base weight, in place (inference only: merged
-        adapters get no gradient).  The LoRA parameters stay, so ``save_pretrained`` and the
-        index fingerprint are unchanged.  Returns how many layers were merged."""
+        """Add every LoRA delta into its base weight (inference only: merged adapters get no
+        gradient).  The LoRA parameters stay, so ``save_pretrained`` and the index fingerprint
+        are unchanged.  Returns how many layers were merged."""
         from peft.tuners.lora import LoraLayer
 
         merged = 0
         with torch.no_grad():
             for module in self.backbone.decoder.modules():
-                if isinstance(module, LoraLayer) and not module.merged:
-                    module.merge()
-                    merged += 1
+                if not isinstance(module, LoraLayer) or module.merged:
+                    continue
+                for name in module.active_adapters:
+                    if name in module.lora_variant or module.lora_bias.get(name):
+                        module.merge(adapter_names=[name])  # DoRA and friends: peft's own merge
+                        continue
+                    # Into a new tensor, not in place as peft's merge does: the base weights are
+                    # memory-mapped from the model cache, and a write copies each page on first
+                    # touch (magic-mm-tiny: 1.62–1.79 s against 0.35 s this way).
+                    base = module.get_base_layer()
+                    base.weight.data = base.weight.data + module.get_delta_weight(name)
+                    module.merged_adapters.append(name)
+                merged += 1
         return merged
 
     def _load_trained_weights(self, folder: Path, saved: Compression) -> None:
