@@ -83,12 +83,19 @@ def run_cli(monkeypatch, capsys):
     return run
 
 
+def _cpu_runs_bf16() -> bool:
+    from magic_mm.model.dtypes import cpu_runs_bf16
+
+    return cpu_runs_bf16()
+
+
+needs_cpu_bf16 = pytest.mark.skipif(not _cpu_runs_bf16(), reason="this CPU has no oneDNN bf16 kernels")
+
+
 def skip_without_cpu_bf16(dtype: object = "bfloat16") -> None:
     """bf16 on a CPU needs oneDNN's bf16 kernels (AVX512-BW/VL/DQ or AVX-NE-CONVERT); on a CPU
     without them (an AMD EPYC Zen 3) ``--dtype bfloat16`` is a clear error, tested on its own."""
     import torch
 
-    from magic_mm.model.dtypes import cpu_runs_bf16
-
-    if dtype in ("bfloat16", torch.bfloat16) and not cpu_runs_bf16():
+    if dtype in ("bfloat16", torch.bfloat16) and not _cpu_runs_bf16():
         pytest.skip("this CPU has no oneDNN bf16 kernels")

@@ -14,9 +14,7 @@ from magic_mm import MagicEmbedder
 from magic_mm.errors import UserError
 from magic_mm.model import dtypes, efficientnet_lite
 from magic_mm.model import packed_linear as packed_linear_module
-from tests.conftest import make_image, skip_without_cpu_bf16
-
-needs_cpu_bf16 = pytest.mark.skipif(not dtypes.cpu_runs_bf16(), reason="this CPU has no oneDNN bf16 kernels")
+from tests.conftest import make_image, needs_cpu_bf16, skip_without_cpu_bf16
 
 
 # -- the vision encoder -------------------------------------------------------------------

@@ -81,21 +81,18 @@ def load_on_own_thread(load: Callable[[], T]) -> T:
     (``benchmarks/openmp_teams.py``). A thread's team ends with the thread, so loading here leaves
     the batcher's thread, which runs every pass and its warm-up, the only team.
     """
-    result: list[T] = []
-    failure: list[BaseException] = []
+    done: Future[T] = Future()
 
     def run() -> None:
         try:
-            result.append(load())
+            done.set_result(load())
         except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
-            failure.append(exc)
+            done.set_exception(exc)
 
     thread = threading.Thread(target=run, name="magic-mm-load", daemon=True)  # Ctrl-C need not wait
     thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return result[0]
+    thread.join()  # its team ends with it, before any pass
+    return done.result()
 
 
 @contextmanager
