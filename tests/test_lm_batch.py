@@ -146,3 +146,27 @@ def test_batch_fields_and_prompt_end():
     assert (batch.attention_mask.sum(1) == batch.lengths).all()
     with pytest.raises(ValueError, match="answers"):
         build_lm_batch(backbone, [["a"]], answers=["x", "y"])
+
+
+@pytest.mark.parametrize(("family", "variant"), FAMILIES, ids=IDS)
+def test_stored_instruction_states_give_the_vectors_of_a_full_pass(family, variant):
+    """A mixed batch (two instructions, texts, images, a prompt with no instruction) embeds the
+    same with the instruction lines' stored states as with every token run; Qwen3-VL's batches
+    with images (DeepStack arguments) take the full pass."""
+    from magic_mm.model.inputs import prepare
+    from magic_mm.model.lm_batch import PrefixStates
+
+    model = tiny_model(family, variant, "bilinear:2").eval()
+    items = [prepare("a red square"), prepare(make_image(48, 40)), prepare((make_image(40, 48, 1), "a cat")),
+             prepare("a much longer query about a small blue circle on a table")]
+    prompts = [model.prompt_segments(items[0], "query"), model.prompt_segments(items[1], "candidate"),
+               model.prompt_segments(items[2], "query", "Find the image."), model.prompt_segments(items[3], "query", ""),
+               model.prompt_segments(items[3], "query")]
+    with torch.inference_mode():
+        full = model.embed_prompts(prompts)
+        model.prefix_states = PrefixStates()
+        stored = model.embed_prompts(prompts)
+        again = model.embed_prompts(prompts[:1])  # a later call reuses the stored line
+    torch.testing.assert_close(stored, full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(again[0], full[0], atol=1e-5, rtol=1e-4)
+    assert len(model.prefix_states) == (1 if variant == "qwen3_vl" else 3)

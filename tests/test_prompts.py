@@ -1,6 +1,6 @@
 import pytest
 
-from magic_mm.model.prompts import IMAGE, build_prompt
+from magic_mm.model.prompts import IMAGE, build_prompt, shared_opening
 
 
 def test_query_with_image_and_text_follows_the_paper():
@@ -33,3 +33,11 @@ def test_absent_parts_are_left_out(instruction, text, image, expected):
 def test_unknown_role_is_rejected():
     with pytest.raises(ValueError):
         build_prompt("document", None, "x", False)
+
+
+def test_the_instruction_line_is_a_segment_of_its_own_and_the_shared_opening():
+    query = build_prompt("query", "Find it.", "a dog", False)
+    assert query.segments == ("Instruct: Find it.\n", "Query: a dog")
+    assert shared_opening(query.segments) == "Instruct: Find it.\n"
+    assert shared_opening(build_prompt("query", None, "a dog", False).segments) is None
+    assert shared_opening(build_prompt("query", "Find it.", None, False).segments) is None  # nothing after it

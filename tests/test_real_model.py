@@ -118,3 +118,29 @@ def test_a_large_jpeg_embeds_like_its_full_size_decode(default_model, tmp_path):
     assert cosine.min() > 0.999 and not np.array_equal(drafted, full)  # close, and the scale did apply
     as_bytes = default_model.encode([p.read_bytes() for p in paths], role="candidate")
     np.testing.assert_array_equal(as_bytes, drafted)
+
+
+def test_stored_instruction_states_keep_the_shipped_models_tokens_and_vectors(default_model, flickr_dir):
+    """The instruction line, tokenised on its own, gives the ids it had inside the whole prompt
+    for every caption of the data, and queries and photos embed as with every token run."""
+    import csv
+
+    tokenizer = default_model.backbone.tokenizer
+    with open(flickr_dir / "captions.csv", newline="") as f:
+        captions = [row["caption"] for row in csv.DictReader(f)]
+    line = "Instruct: " + default_model.config.instructions["query"] + "\n"
+    opening = tokenizer(line, add_special_tokens=False)["input_ids"]
+    changed = [c for c in captions if tokenizer(line + "Query: " + c, add_special_tokens=False)["input_ids"]
+               != opening + tokenizer("Query: " + c, add_special_tokens=False)["input_ids"]]
+    assert len(captions) == 5000 and changed == []
+
+    photos = sorted((flickr_dir / "images").glob("*.jpg"))[:3]
+    assert default_model.prefix_states is not None
+    stored = default_model.encode(captions[:4], role="query"), default_model.encode(photos, role="candidate")
+    states, default_model.prefix_states = default_model.prefix_states, None
+    try:
+        full = default_model.encode(captions[:4], role="query"), default_model.encode(photos, role="candidate")
+    finally:
+        default_model.prefix_states = states
+    for a, b in zip(stored, full):
+        np.testing.assert_allclose(a, b, atol=2e-6)

@@ -262,6 +262,30 @@ def test_row_lengths_come_from_either_kind_of_4d_mask():
     assert row_lengths(additive) == [5, 2, 3]
 
 
+def test_rowwise_attention_on_stored_keys_makes_each_rows_call_alone():
+    """With an instruction line's stored keys in front (``lm_batch.PrefixStates``) each row of a
+    right-padded batch gets exactly the numbers of the causal-mask call it would get alone."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from magic_mm.model.row_attention import rowwise_sdpa
+
+    stored, lengths, heads, dim = 4, torch.tensor([6, 2, 4]), 2, 8
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, heads, 6, dim, generator=generator)
+    key, value = (torch.randn(3, heads, stored + 6, dim, generator=generator) for _ in range(2))
+    positions = torch.arange(stored + 6)
+    causal = positions[None, :] <= (stored + torch.arange(6))[:, None]  # (Lq, Lk)
+    allowed = causal[None, None] & (positions[None, :] < stored + lengths[:, None])[:, None, None, :]
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, _ = rowwise_sdpa(module, query, key, value, allowed)
+    for row, n in enumerate(lengths.tolist()):
+        mask = causal[None, None, :n, : stored + n]
+        alone, _ = sdpa_attention_forward(module, query[row : row + 1, :, :n], key[row : row + 1, :, : stored + n],
+                                          value[row : row + 1, :, : stored + n], mask)
+        assert torch.equal(out[row, :n], alone[0])
+
+
 @pytest.mark.parametrize("family", ["composed", "internvl", "qwen_vl", "idefics3"])
 @needs_cpu_bf16
 def test_bf16_vectors_do_not_depend_on_what_shares_the_batch(family):
@@ -629,3 +653,35 @@ def test_bench_counts_the_flops_of_the_fused_onednn_ops(monkeypatch):
     assert fused[0] == plain[0] and plain[1] == 2 * 10 * 64 * 48
     # the packed product computes its 10 rows padded to one block, and is counted as such
     assert fused[1] == 2 * packed_linear_module.ROW_BLOCK * 64 * 48
+
+
+def test_instruction_states_are_stored_for_inference_only_and_dropped_when_weights_change():
+    served = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="float32")
+    trainable = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="float32", trainable=True)
+    assert trainable.prefix_states is None and served.prefix_states is not None
+    inputs = ["a dog on the grass", "two cats"]
+    served.embed_prepared(served.prepare(inputs), "query")  # gradients on: every token runs
+    assert len(served.prefix_states) == 0
+    before = served.encode(inputs)
+    assert len(served.prefix_states) == 1
+    with torch.no_grad():  # weights changed in place after loading: the stored states are stale
+        next(served.backbone.decoder.parameters()).mul_(1.5)
+    states = served.prefix_states
+    after = served.encode(inputs)
+    served.prefix_states = None
+    np.testing.assert_allclose(after, served.encode(inputs), atol=1e-5)
+    assert len(states) == 1 and not np.allclose(before, after, atol=1e-3)
+    served.prefix_states = states
+    served.add_lora()  # new parameters: the stored states are dropped
+    assert len(states) == 0
+    with torch.no_grad():
+        for name, p in served.trained_parameters().items():
+            if "lora_B" in name:
+                p.fill_(0.05)
+    np.testing.assert_allclose(served.encode(inputs), served.encode(inputs, batch_size=1), atol=1e-5)
+    lora_b = next(p for name, p in served.trained_parameters().items() if "lora_B" in name)
+    with torch.no_grad():
+        lora_b.mul_(3)  # an adapter's weight written in place: the stored states are stale again
+    fresh = served.encode(inputs)
+    served.prefix_states = None
+    np.testing.assert_allclose(fresh, served.encode(inputs), atol=1e-5)

@@ -14,15 +14,23 @@ placeholder masks.
 
 Right padding plus a causal mask means pad positions never influence real ones,
 so an input gets the same result alone or in any batch.
+
+A causal LM's states for the opening tokens of a prompt do not depend on what follows.
+``PrefixStates`` keeps the decoder's keys and values for an opening that recurs (the
+task's instruction line) and ``last_token_states`` runs only the rest of each prompt on
+top of them.
 """
 
 from __future__ import annotations
 
+import inspect
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from magic_mm.model.backbones.base import Backbone, ImageTokens
 
@@ -120,6 +128,85 @@ def build_lm_batch(backbone: Backbone, prompts: Sequence[Sequence[Segment]],
 def hidden_states(backbone: Backbone, batch: LMBatch) -> torch.Tensor:
     """``(B, L, D)`` final, post-norm hidden states of the batch."""
     return backbone.decoder(**batch.decoder_inputs(), use_cache=False).last_hidden_state
+
+
+KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer, each (1, heads, P, head_dim)
+
+
+class PrefixStates:
+    """The decoder's keys and values for prompt openings, computed once per opening text.
+
+    Stored states belong to the weights they were computed with: a write to any decoder
+    parameter (in place, as an optimiser step or ``load_state_dict`` does, or by swapping its
+    ``.data``) drops them all.  New parameters (``MagicEmbedder.add_lora``) call ``clear``.
+    Thread-safe; kept for at most ``limit`` openings (an evaluation has one or two per task)."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._states: dict[tuple[str, torch.dtype, torch.device], tuple[int, KeyValues]] = {}
+        self._parameters: list[torch.Tensor] | None = None  # listed once: walking the modules takes ~8 ms
+        self._weights: tuple[tuple[int, int], ...] = ()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._states.clear()
+            self._parameters = None
+
+    def get(self, backbone: Backbone, opening: str, batch: LMBatch) -> tuple[int, KeyValues] | None:
+        """``(tokens, key_values)`` of ``opening``, which every row of ``batch`` starts with;
+        None where the states cannot be reused (Qwen3-VL's DeepStack arguments, or a row that
+        is nothing but the opening)."""
+        length = len(embed_text(backbone, opening))
+        if batch.extra or int(batch.lengths.min()) <= length:
+            return None
+        key = (opening, backbone.dtype, backbone.device)
+        with self._lock:
+            if self._parameters is None:
+                self._parameters = list(backbone.decoder.parameters())
+            # Where each parameter lives and how often it was written in place (~0.5 ms).
+            weights = tuple((p.data_ptr(), p._version) for p in self._parameters)
+            if weights != self._weights or len(self._states) >= self.limit:
+                self._states.clear()
+                self._weights = weights
+            found = self._states.get(key)
+            if found is None:
+                found = self._states[key] = (length, _opening_key_values(backbone, batch, length))
+        return found
+
+
+def _opening_key_values(backbone: Backbone, batch: LMBatch, length: int) -> KeyValues:
+    """Keys and values of the first ``length`` tokens of ``batch``'s first row."""
+    cache = DynamicCache(config=backbone.decoder.config)
+    backbone.decoder(inputs_embeds=batch.embeds[:1, :length], attention_mask=batch.attention_mask[:1, :length],
+                     position_ids=batch.position_ids[..., :1, :length], use_cache=True,
+                     **_cache_argument(backbone.decoder, cache))
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache_argument(decoder: torch.nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
+    """transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name warns)."""
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def last_token_states(backbone: Backbone, batch: LMBatch, opening: tuple[int, KeyValues] | None = None) -> torch.Tensor:
+    """``(B, D)`` final, post-norm hidden state of each row's last token; with ``opening``
+    (``PrefixStates.get``) only the tokens after it run through the decoder."""
+    rows = torch.arange(len(batch.lengths), device=batch.embeds.device)
+    if opening is None:
+        return hidden_states(backbone, batch)[rows, batch.last_token]
+    length, key_values = opening
+    cache = DynamicCache(config=backbone.decoder.config)
+    for layer, (keys, values) in enumerate(key_values):
+        cache.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1), layer)
+    states = backbone.decoder(inputs_embeds=batch.embeds[:, length:], attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids[..., length:], use_cache=True,
+                              **_cache_argument(backbone.decoder, cache)).last_hidden_state
+    return states[rows, batch.last_token - length]
 
 
 def embed_text(backbone: Backbone, text: str) -> torch.Tensor:

@@ -5,17 +5,21 @@ Candidate:  ``Instruct: {instruction}\\n<image>\\nText: {text}``
 
 Absent parts (no instruction, no image, no text) are left out together with
 their line break.  The prompt is returned as segments so the backbone can
-splice the visual tokens in where ``<image>`` stands.
+splice the visual tokens in where ``<image>`` stands.  The instruction line is a
+segment of its own: it opens every prompt of a task, so its LM states are computed
+once and reused (``lm_batch.PrefixStates``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 Role = Literal["query", "candidate"]
 ROLES: tuple[Role, ...] = ("query", "candidate")
 TEXT_LABEL = {"query": "Query", "candidate": "Text"}
+INSTRUCT_LABEL = "Instruct: "
 
 DEFAULT_INSTRUCTIONS: dict[Role, str] = {
     "query": "Find me an everyday image that matches the given query.",
@@ -51,19 +55,34 @@ def build_prompt(role: Role, instruction: str | None, text: str | None, has_imag
     """Build the prompt for one input; ``instruction`` may be None or empty to omit it."""
     if role not in ROLES:
         raise ValueError(f"role must be 'query' or 'candidate', got {role!r}")
-    lines: list[list[str | ImageSlot]] = []
-    if instruction:
-        lines.append([f"Instruct: {instruction}"])
+    lines: list[str | ImageSlot] = []
     if has_image:
-        lines.append([IMAGE])
+        lines.append(IMAGE)
     if text:
-        lines.append([f"{TEXT_LABEL[role]}: {text}"])
-    segments: list[str | ImageSlot] = []
+        lines.append(f"{TEXT_LABEL[role]}: {text}")
+    body: list[str | ImageSlot] = []
     for i, line in enumerate(lines):
         if i:
-            segments.append("\n")
-        segments.extend(line)
-    return Prompt(tuple(_merge_text(segments)))
+            body.append("\n")
+        body.append(line)
+    if not instruction:
+        return Prompt(tuple(_merge_text(body)))
+    if not body:
+        return Prompt((f"{INSTRUCT_LABEL}{instruction}",))
+    # Not merged with what follows: tokenised alone it gives the same ids (a BPE pre-tokeniser
+    # splits at the line break) and can be looked up as a shared opening.
+    return Prompt((f"{INSTRUCT_LABEL}{instruction}\n", *_merge_text(body)))
+
+
+def shared_opening(segments: Sequence[object]) -> str | None:
+    """The instruction line that opens ``segments`` (a prompt's, images spliced in or not) and
+    is followed by more, or None.  Every input of a task starts with the same one."""
+    if len(segments) < 2:
+        return None
+    first = segments[0]
+    if isinstance(first, str) and first.startswith(INSTRUCT_LABEL) and first.endswith("\n"):
+        return first
+    return None
 
 
 def _merge_text(segments: list[str | ImageSlot]) -> list[str | ImageSlot]:

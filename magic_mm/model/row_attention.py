@@ -6,7 +6,9 @@ differs (by up to 2⁻¹² in one layer's output, growing to a bf16 step of the 
 ``rowwise_sdpa`` slices every row of a padded batch to its real length and makes exactly the
 call that row would get alone, so a text's vector does not depend on the texts it was batched
 with. Unpadded batches (every row full length, such as candidates with one prompt) are one call,
-as before: a call without a mask computes each row independently of the others.
+as before: a call without a mask computes each row independently of the others.  On top of
+stored keys (an instruction line's, ``lm_batch.PrefixStates``) a row alone gets an explicit
+causal mask, so each row gets that mask's slice.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ ROWWISE_SDPA = "magic_mm_rowwise_sdpa"
 
 
 def row_lengths(attention_mask: torch.Tensor) -> list[int]:
-    """Real tokens per row of a right-padded batch, from transformers' 4-D (B, 1, Lq, Lk) mask
+    """Real keys per row of a right-padded batch, from transformers' 4-D (B, 1, Lq, Lk) mask
     (bool, True = may attend, or additive floats, 0 = may attend): the last query position of a
     row sees every real key of it and no padding."""
     allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
@@ -31,13 +33,16 @@ def row_lengths(attention_mask: torch.Tensor) -> list[int]:
 
 def rowwise_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    if attention_mask is None or attention_mask.dim() != 4 or query.shape[2] != key.shape[2]:
+    if attention_mask is None or attention_mask.dim() != 4:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     batch, heads, length, head_dim = query.shape
+    stored = key.shape[2] - length  # keys from an earlier pass, shared by every row
     out = query.new_zeros(batch, length, heads, head_dim)  # padding positions: zeros, never read
-    for row, n in enumerate(row_lengths(attention_mask)):
-        alone, _ = sdpa_attention_forward(module, query[row : row + 1, :, :n], key[row : row + 1, :, :n],
-                                          value[row : row + 1, :, :n], None, **kwargs)
+    for row, keys in enumerate(row_lengths(attention_mask)):
+        n = keys - stored
+        mask = attention_mask[row : row + 1, :, :n, :keys] if stored else None
+        alone, _ = sdpa_attention_forward(module, query[row : row + 1, :, :n], key[row : row + 1, :, :keys],
+                                          value[row : row + 1, :, :keys], mask, **kwargs)
         out[row, :n] = alone[0]
     return out, None
 

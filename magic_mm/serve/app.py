@@ -44,8 +44,6 @@ from magic_mm.index.search import (
 from magic_mm.index.store import Hit, PageStore
 from magic_mm.model.embedder import MagicEmbedder
 from magic_mm.model.inputs import MMInput, PreparedInput
-from magic_mm.model.lm_batch import build_lm_batch, hidden_states
-from magic_mm.model.prompts import IMAGE, build_prompt
 from magic_mm.serve.batcher import MicroBatcher, Pass, ServerBusyError, finish, run_in_order
 from magic_mm.serve.limits import (
     ApiError,
@@ -229,23 +227,16 @@ class Service:
         yield 1, failure if failure is not None else np.concatenate(outcomes)
 
     def _embed_in_batches(self, items: list[PreparedInput], prompts: list[tuple[str, str | None]]) -> np.ndarray:
-        """``MagicEmbedder.embed_prepared`` with one prompt per input instead of one per call, so the
+        """``MagicEmbedder.embed_prepared`` with a role and instruction per input instead of per call, so the
         batcher can put queries and candidates in the same forward pass; the load test and the
         round-trip test check that the vectors equal ``MagicEmbedder.encode``'s."""
         embedder, step = self.embedder, self.settings.batch.max_batch
         out = []
         for start in range(0, len(items), step):
-            lm_prompts = []
-            for item, (role, instruction) in zip(items[start : start + step], prompts[start : start + step]):
-                if instruction is None:
-                    instruction = embedder.config.instructions.get(role, "")
-                text = embedder._truncate(item.text, item.name) if item.text else None
-                prompt = build_prompt(role, instruction, text, item.image is not None)
-                lm_prompts.append([item.image if segment is IMAGE else segment for segment in prompt.segments])
+            lm_prompts = [embedder.prompt_segments(item, role, instruction) for item, (role, instruction)
+                          in zip(items[start : start + step], prompts[start : start + step])]
             with torch.inference_mode():
-                batch = build_lm_batch(embedder.backbone, lm_prompts)
-                states = hidden_states(embedder.backbone, batch)
-                pooled = states[torch.arange(len(lm_prompts), device=states.device), batch.last_token]
+                pooled = embedder.embed_prompts(lm_prompts)
             out.append(pooled.float().cpu().numpy())
         return np.concatenate(out)
 
