@@ -1,7 +1,7 @@
 """What do the stored instruction-line states save? (``lm_batch.PrefixStates``)
 
 Every prompt of a task opens with the same instruction line ("Instruct: Find me an everyday
-image that matches the given query.\\n" is 16 of a short query's 35 tokens).  A model loaded
+image that matches the given query.\\n" is 15 of a short query's 35 tokens).  A model loaded
 for inference keeps that line's keys and values and runs only the rest of each prompt.
 
 Times magic-mm-tiny's model pass (inputs decoded and resized once, so only the model is timed)

@@ -111,7 +111,11 @@ def test_time_job_splits_a_candidate_between_vision_and_lm():
     raw = time_job({**JOB, "variants": ["bilinear:2"], "reps": 1, "items": 1, "dtype": "float32"})
     row = raw["bilinear:2"]
     peak = row["peak_gflops_per_s"]
-    assert set(peak) == {"float32", "bfloat16"} and all(v > 0 for v in peak.values())
+    # bf16's peak only where the CPU runs bf16 natively (without its kernels it is no ceiling)
+    from magic_mm.model.dtypes import cpu_runs_bf16
+
+    assert set(peak) == ({"float32", "bfloat16"} if cpu_runs_bf16() else {"float32"})
+    assert all(v > 0 for v in peak.values())
     split = row["split"]
     assert split["dtype"] == "float32" and split["peak_gflops_per_s"] == peak["float32"]
     assert set(split) == {"dtype", "peak_gflops_per_s", "batch_1", "batch_2"}

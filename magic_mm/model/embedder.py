@@ -416,7 +416,7 @@ class MagicEmbedder(torch.nn.Module):
 
         With ``prefix_states`` (a model loaded for inference) and no gradient wanted, prompts are
         grouped by the instruction line they open with, and each group runs through the LM on top
-        of that line's stored states: a query with the default instruction runs 19 tokens instead
+        of that line's stored states: a query with the default instruction runs 20 tokens instead
         of 35. The images of all groups are encoded in one call."""
         if self.prefix_states is None or torch.is_grad_enabled():
             return last_token_states(self.backbone, build_lm_batch(self.backbone, prompts))
