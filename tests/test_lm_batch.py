@@ -170,3 +170,5 @@ def test_stored_instruction_states_give_the_vectors_of_a_full_pass(family, varia
     torch.testing.assert_close(stored, full, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(again[0], full[0], atol=1e-5, rtol=1e-4)
     assert len(model.prefix_states) == (1 if variant == "qwen3_vl" else 3)
+    with torch.inference_mode():
+        assert model.embed_prompts([]).shape == (0, model.embedding_dim)

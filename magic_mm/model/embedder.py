@@ -418,6 +418,8 @@ class MagicEmbedder(torch.nn.Module):
         grouped by the instruction line they open with, and each group runs through the LM on top
         of that line's stored states: a query with the default instruction runs 20 tokens instead
         of 35. The images of all groups are encoded in one call."""
+        if not prompts:
+            return torch.empty(0, self.embedding_dim, device=self.backbone.device, dtype=self.backbone.dtype)
         if self.prefix_states is None or torch.is_grad_enabled():
             return last_token_states(self.backbone, build_lm_batch(self.backbone, prompts))
         groups: dict[str | None, list[int]] = {}

@@ -23,6 +23,7 @@ top of them.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from collections.abc import Sequence
@@ -190,9 +191,13 @@ def _opening_key_values(backbone: Backbone, batch: LMBatch, length: int) -> KeyV
 
 
 def _cache_argument(decoder: torch.nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
+    return {_cache_keyword(type(decoder)): cache}
+
+
+@functools.cache
+def _cache_keyword(decoder_class: type) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name warns)."""
-    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-    return {name: cache}
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
 def last_token_states(backbone: Backbone, batch: LMBatch, opening: tuple[int, KeyValues] | None = None) -> torch.Tensor:
