@@ -685,3 +685,16 @@ def test_instruction_states_are_stored_for_inference_only_and_dropped_when_weigh
     fresh = served.encode(inputs)
     served.prefix_states = None
     np.testing.assert_allclose(fresh, served.encode(inputs), atol=1e-5)
+
+
+def test_instruction_states_computed_under_autocast_are_kept_apart():
+    """States stored inside ``torch.autocast`` (bf16 keys) are not reused outside it, where the new
+    keys are float32 and could not be joined to them."""
+    model = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="float32")
+    inputs = ["a dog on the grass", "two cats"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.encode(inputs)
+    plain = model.encode(inputs)
+    assert len(model.prefix_states) == 2
+    model.prefix_states = None
+    np.testing.assert_allclose(plain, model.encode(inputs), atol=1e-5)

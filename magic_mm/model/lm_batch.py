@@ -166,7 +166,10 @@ class PrefixStates:
         length = len(embed_text(backbone, opening))
         if batch.extra or int(batch.lengths.min()) <= length:
             return None
-        key = (opening, backbone.dtype, backbone.device)
+        device = backbone.device
+        # The dtype the states are computed in: the weights', or autocast's where it is on.
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else backbone.dtype
+        key = (opening, dtype, device)
         with self._lock:
             if self._parameters is None:
                 self._parameters = list(backbone.decoder.parameters())
