@@ -19,6 +19,7 @@ It also checks that both give the same vectors.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import time
@@ -41,7 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     model = MagicEmbedder.from_pretrained(args.model, dtype=args.dtype)
     photos = sorted((args.data / "images").glob("*.jpg"))[:16]
-    captions = [line.split(",", 1)[1] for line in (args.data / "captions.csv").read_text().splitlines()[1:17]]
+    with open(args.data / "captions.csv", newline="") as f:
+        captions = [row["caption"] for row in csv.DictReader(f)][:16]
     if len(photos) < 16 or len(captions) < 16:
         parser.error(f"--data {args.data}: needs images/*.jpg and captions.csv with 16 of each")
     queries = [model.prompt_segments(item, "query") for item in model.prepare(captions)]

@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 from magic_mm.errors import BadInputError, ModelFolderError, UserError
 from magic_mm.progress import progress
 from magic_mm.model.backbones import Backbone, backbone_class, checkpoint_family
-from magic_mm.model.backbones.base import ImageTokens
 from magic_mm.model.compression import Compression
 from magic_mm.model.config import (
     CONFIG_FILE,
@@ -31,7 +30,7 @@ from magic_mm.model.config import (
 )
 from magic_mm.model.dtypes import resolve_dtype
 from magic_mm.model.inputs import MAX_IMAGE_PIXELS, PreparedInput, as_input, prepare
-from magic_mm.model.lm_batch import LMBatch, PrefixStates, build_lm_batch, last_token_states
+from magic_mm.model.lm_batch import LMBatch, PrefixStates, build_lm_batch, last_token_states, with_images_encoded
 from magic_mm.model.packed_linear import pack_linears
 from magic_mm.model.prompts import IMAGE, ROLES, Role, build_prompt, shared_opening
 from magic_mm.model.row_attention import use_rowwise_sdpa
@@ -426,7 +425,7 @@ class MagicEmbedder(torch.nn.Module):
         for i, prompt in enumerate(prompts):
             groups.setdefault(shared_opening(prompt), []).append(i)
         if len(groups) > 1:
-            prompts = self._images_encoded(prompts)
+            prompts = with_images_encoded(self.backbone, prompts)  # one vision call for all groups
         out: torch.Tensor | None = None
         for opening, rows in groups.items():
             lm = build_lm_batch(self.backbone, [prompts[i] for i in rows])
@@ -436,14 +435,6 @@ class MagicEmbedder(torch.nn.Module):
                 out = states.new_empty(len(prompts), states.shape[-1])
             out[rows] = states
         return out
-
-    def _images_encoded(self, prompts: list[list[Any]]) -> list[list[Any]]:
-        """``prompts`` with every image replaced by its ``ImageTokens``, from one vision call."""
-        raw = [s for prompt in prompts for s in prompt if not isinstance(s, (str, ImageTokens))]
-        if not raw:
-            return prompts
-        encoded = iter(self.backbone.encode_images(raw))
-        return [[s if isinstance(s, (str, ImageTokens)) else next(encoded) for s in prompt] for prompt in prompts]
 
     def _truncate(self, text: str, name: str) -> str:
         ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -70,8 +70,7 @@ def build_lm_batch(backbone: Backbone, prompts: Sequence[Sequence[Segment]],
     answers = list(answers) if answers is not None else [None] * len(prompts)
     if len(answers) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    raw = [s for prompt in prompts for s in prompt if not isinstance(s, (str, ImageTokens))]
-    encoded = iter(backbone.encode_images(raw) if raw else [])
+    prompts = with_images_encoded(backbone, prompts)
     device = backbone.device
     rows: list[tuple[torch.Tensor, torch.Tensor, list[int], int]] = []  # embeds, visual flags, labels, prompt end
     images: list[ImageTokens] = []
@@ -87,14 +86,13 @@ def build_lm_batch(backbone: Backbone, prompts: Sequence[Sequence[Segment]],
             if isinstance(segment, str):
                 add(embed_text(backbone, segment), False)
                 continue
-            image = segment if isinstance(segment, ImageTokens) else next(encoded)
-            images.append(image)
+            images.append(segment)  # ImageTokens
             start = 0
-            for marker, size in zip(image.markers, image.pieces):
+            for marker, size in zip(segment.markers, segment.pieces):
                 add(embed_text(backbone, marker), False)
-                add(image.embeds[start : start + size], True)
+                add(segment.embeds[start : start + size], True)
                 start += size
-            add(embed_text(backbone, image.markers[-1]), False)
+            add(embed_text(backbone, segment.markers[-1]), False)
         prompt_length = sum(len(p) for p in pieces)
         if prompt_length == 0:
             raise ValueError("an LM prompt needs at least one token")
@@ -124,6 +122,14 @@ def build_lm_batch(backbone: Backbone, prompts: Sequence[Sequence[Segment]],
         lengths=mask.sum(dim=1), labels=labels,
         prompt_end=torch.tensor([r[3] for r in rows], device=device),
     )
+
+
+def with_images_encoded(backbone: Backbone, prompts: Sequence[Sequence[Segment]]) -> list[list[Segment]]:
+    """``prompts`` with every image (a ``PIL.Image`` or ``VisionGrid``) replaced by its
+    ``ImageTokens``, all from one ``encode_images`` call."""
+    raw = [s for prompt in prompts for s in prompt if not isinstance(s, (str, ImageTokens))]
+    encoded = iter(backbone.encode_images(raw) if raw else [])
+    return [[s if isinstance(s, (str, ImageTokens)) else next(encoded) for s in prompt] for prompt in prompts]
 
 
 def hidden_states(backbone: Backbone, batch: LMBatch) -> torch.Tensor:
@@ -163,13 +169,13 @@ class PrefixStates:
         """``(tokens, key_values)`` of ``opening``, which every row of ``batch`` starts with;
         None where the states cannot be reused (Qwen3-VL's DeepStack arguments, or a row that
         is nothing but the opening)."""
-        length = len(embed_text(backbone, opening))
-        if batch.extra or int(batch.lengths.min()) <= length:
+        if batch.extra:
             return None
         device = backbone.device
         # The dtype the states are computed in: the weights', or autocast's where it is on.
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else backbone.dtype
         key = (opening, dtype, device)
+        shortest = int(batch.lengths.min())
         with self._lock:
             if self._parameters is None:
                 self._parameters = list(backbone.decoder.parameters())
@@ -180,8 +186,11 @@ class PrefixStates:
                 self._weights = weights
             found = self._states.get(key)
             if found is None:
+                length = len(embed_text(backbone, opening))
+                if shortest <= length:
+                    return None
                 found = self._states[key] = (length, _opening_key_values(backbone, batch, length))
-        return found
+        return found if shortest > found[0] else None
 
 
 def _opening_key_values(backbone: Backbone, batch: LMBatch, length: int) -> KeyValues:
