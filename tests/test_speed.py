@@ -698,3 +698,24 @@ def test_instruction_states_computed_under_autocast_are_kept_apart():
     assert len(model.prefix_states) == 2
     model.prefix_states = None
     np.testing.assert_allclose(plain, model.encode(inputs), atol=1e-5)
+
+
+def test_instruction_states_keep_within_their_token_budget():
+    """Stored openings never hold more than ``limit_tokens`` tokens in all: a longer instruction
+    runs every token each time, and a new one that does not fit drops the stored ones first.
+    (The tiny random tokenizer spends a token on almost every character.)"""
+    from magic_mm.model.lm_batch import PrefixStates
+
+    model = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="float32")
+    model.prefix_states = states = PrefixStates(limit_tokens=50)
+    texts = ["a dog on the grass", "two cats"]
+    long_instruction = "Find the photo of this scene, taken outdoors in daylight."  # 68 tokens with its label
+    stored = model.encode(texts, instruction=long_instruction)
+    assert len(states) == 0  # over the budget: not kept
+    model.encode(texts, instruction="Find it.")  # 19 tokens
+    model.encode(texts, instruction="Find the photo.")  # 26
+    assert len(states) == 2 and states.tokens() == 45
+    model.encode(texts, instruction="Find the photo, please.")  # 34: does not fit beside the others
+    assert len(states) == 1 and states.tokens() == 34
+    model.prefix_states = None
+    np.testing.assert_allclose(stored, model.encode(texts, instruction=long_instruction), atol=1e-5)

@@ -146,12 +146,13 @@ class PrefixStates:
     Stored states belong to the weights they were computed with: a write to any decoder
     parameter (in place, as an optimiser step or ``load_state_dict`` does, or by swapping its
     ``.data``) drops them all.  New parameters (``MagicEmbedder.add_lora``) call ``clear``.
-    Thread-safe; kept for at most ``limit`` openings (an evaluation uses one or two at a time,
-    one per role of its current task).  An opening costs layers × 2 × kv-heads × head-dim ×
-    tokens numbers: 0.7 MB for magic-mm-tiny's 15-token query line in float32."""
+    Thread-safe.  At most ``limit_tokens`` tokens are kept, over all openings (an evaluation uses
+    one or two at a time, one per role of its current task); a longer opening runs every time.
+    A token costs layers × 2 × kv-heads × head-dim numbers: 46 KB for magic-mm-tiny in float32,
+    so 0.7 MB for its 15-token query line and at most 190 MB in all."""
 
-    def __init__(self, limit: int = 64) -> None:
-        self.limit = limit
+    def __init__(self, limit_tokens: int = 4096) -> None:
+        self.limit_tokens = limit_tokens
         self._states: dict[tuple[str, torch.dtype, torch.device], tuple[int, KeyValues]] = {}
         self._parameters: list[torch.Tensor] | None = None  # listed once: walking the modules takes ~8 ms
         self._weights: tuple[tuple[int, int], ...] = ()
@@ -160,6 +161,10 @@ class PrefixStates:
     def __len__(self) -> int:
         return len(self._states)
 
+    def tokens(self) -> int:
+        """Tokens stored, over all openings."""
+        return sum(length for length, _ in self._states.values())
+
     def clear(self) -> None:
         with self._lock:
             self._states.clear()
@@ -167,8 +172,8 @@ class PrefixStates:
 
     def get(self, backbone: Backbone, opening: str, batch: LMBatch) -> tuple[int, KeyValues] | None:
         """``(tokens, key_values)`` of ``opening``, which every row of ``batch`` starts with;
-        None where the states cannot be reused (Qwen3-VL's DeepStack arguments, or a row that
-        is nothing but the opening)."""
+        None where the states cannot be reused (Qwen3-VL's DeepStack arguments, a row that is
+        nothing but the opening) or kept (an opening of more than ``limit_tokens``)."""
         if batch.extra:
             return None
         device = backbone.device
@@ -181,14 +186,16 @@ class PrefixStates:
                 self._parameters = list(backbone.decoder.parameters())
             # Where each parameter lives and how often it was written in place (~0.5 ms).
             weights = tuple((p.data_ptr(), p._version) for p in self._parameters)
-            if weights != self._weights or len(self._states) >= self.limit:
+            if weights != self._weights:
                 self._states.clear()
                 self._weights = weights
             found = self._states.get(key)
             if found is None:
                 length = len(embed_text(backbone, opening))
-                if shortest <= length:
+                if shortest <= length or length > self.limit_tokens:
                     return None
+                if self.tokens() + length > self.limit_tokens:
+                    self._states.clear()
                 found = self._states[key] = (length, _opening_key_values(backbone, batch, length))
         return found if shortest > found[0] else None
 
