@@ -117,6 +117,19 @@ def test_over_long_text_is_truncated_with_a_warning(tiny_composed):
     assert abs(vec_long - vec_cut).max() < 1e-5
 
 
+def test_over_long_instruction_is_truncated_like_a_text(tiny_composed):
+    limit = tiny_composed.config.max_text_tokens
+    tokenizer = tiny_composed.backbone.tokenizer
+    long_instruction = "Find the photo. " * limit
+    with pytest.warns(TextTruncatedWarning, match=f"instruction: text has .* truncated to the first {limit}"):
+        vec_long = tiny_composed.encode(["a dog"], instruction=long_instruction)
+    cut = tokenizer.decode(tokenizer(long_instruction, add_special_tokens=False)["input_ids"][:limit])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TextTruncatedWarning)
+        vec_cut = tiny_composed.encode(["a dog"], instruction=cut)
+    assert abs(vec_long - vec_cut).max() < 1e-5
+
+
 def test_encode_names_the_bad_item_in_a_batch(tiny_composed, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"garbage")

@@ -14,6 +14,7 @@ from conftest import make_image
 from serve_helpers import MODEL, build_index, data_url, post, request
 
 from magic_mm.index.search import RerankerUnavailableError, embed_query, query_input, retrieve
+from magic_mm.model.embedder import TextTruncatedWarning
 from magic_mm.model.inputs import MMInput
 from magic_mm.serve.app import create_app
 from magic_mm.serve.limits import ServeSettings
@@ -93,6 +94,17 @@ def test_candidate_role_and_base64_format(server, tiny_composed):
     assert status == 200
     vector = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
     np.testing.assert_allclose(vector, tiny_composed.encode(["a page about boats"], role="candidate")[0], atol=1e-5)
+
+
+def test_an_over_long_instruction_is_cut_like_a_text(server, tiny_composed):
+    """A request cannot make the LM run an instruction of any length: it is cut at
+    max_text_tokens, as texts are, and answers like encode with the same instruction."""
+    instruction = "Find the photo. " * 20_000  # 320,000 characters
+    status, body = post(server, "/v1/embeddings", {"model": MODEL, "input": ["boats"], "instruction": instruction})
+    assert status == 200
+    with pytest.warns(TextTruncatedWarning):
+        expected = tiny_composed.encode(["boats"], instruction=instruction)[0]
+    np.testing.assert_allclose(body["data"][0]["embedding"], expected, atol=1e-5)
 
 
 def test_rerank_uses_the_reranker_when_there_is_one(server):

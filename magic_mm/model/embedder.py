@@ -406,6 +406,8 @@ class MagicEmbedder(torch.nn.Module):
         ``instruction=None`` takes the model's default for ``role``; ``""`` means none."""
         if instruction is None:
             instruction = self.config.instructions.get(role, "")
+        # Cut like a text: an instruction of any length would otherwise run whole through the LM.
+        instruction = self._truncate(instruction, "instruction") if instruction else instruction
         text = self._truncate(item.text, item.name) if item.text else None
         prompt = build_prompt(role, instruction, text, item.image is not None)
         return [item.image if segment is IMAGE else segment for segment in prompt.segments]
