@@ -46,8 +46,8 @@ def main() -> None:
         captions = [row["caption"] for row in csv.DictReader(f)][:16]
     if len(photos) < 16 or len(captions) < 16:
         parser.error(f"--data {args.data}: needs images/*.jpg and captions.csv with 16 of each")
-    queries = [model.prompt_segments(item, "query") for item in model.prepare(captions)]
-    candidates = [model.prompt_segments(item, "candidate") for item in model.prepare(photos)]
+    queries = model.prompts(model.prepare(captions), "query")
+    candidates = model.prompts(model.prepare(photos), "candidate")
     # The same photos prepared as the server does (resized) so that only the model is timed.
     candidates = [[model.backbone.prepare_image(s) if not isinstance(s, str) else s for s in p] for p in candidates]
     workloads = {

@@ -159,9 +159,9 @@ def test_stored_instruction_states_give_the_vectors_of_a_full_pass(family, varia
     model = tiny_model(family, variant, "bilinear:2").eval()
     items = [prepare("a red square"), prepare(make_image(48, 40)), prepare((make_image(40, 48, 1), "a cat")),
              prepare("a much longer query about a small blue circle on a table")]
-    prompts = [model.prompt_segments(items[0], "query"), model.prompt_segments(items[1], "candidate"),
-               model.prompt_segments(items[2], "query", "Find the image."), model.prompt_segments(items[3], "query", ""),
-               model.prompt_segments(items[3], "query")]
+    prompts = (model.prompts(items[:1], "query") + model.prompts(items[1:2], "candidate")
+               + model.prompts(items[2:3], "query", "Find the image.") + model.prompts(items[3:], "query", "")
+               + model.prompts(items[3:], "query"))
     with torch.inference_mode():
         full = model.embed_prompts(prompts)
         model.prefix_states = PrefixStates()

@@ -395,25 +395,29 @@ class MagicEmbedder(torch.nn.Module):
     def embed_prepared(self, batch: list[PreparedInput], role: Role, instruction: str | None = None) -> torch.Tensor:
         """Differentiable core: prepared inputs → un-normalised last-token states ``(B, D)``
         (the final, post-norm hidden state of each prompt's last token)."""
-        return self.embed_prompts([self.prompt_segments(item, role, instruction) for item in batch])
+        return self.embed_prompts(self.prompts(batch, role, instruction))
 
     def lm_batch(self, batch: list[PreparedInput], role: Role, instruction: str | None = None) -> LMBatch:
         """The padded LM batch of the inputs' prompts, each image spliced in where ``<image>`` stands."""
-        return build_lm_batch(self.backbone, [self.prompt_segments(item, role, instruction) for item in batch])
+        return build_lm_batch(self.backbone, self.prompts(batch, role, instruction))
 
-    def prompt_segments(self, item: PreparedInput, role: Role, instruction: str | None = None) -> list[Any]:
-        """The LM prompt of one input: text segments with its image where ``<image>`` stands.
+    def prompts(self, batch: Sequence[PreparedInput], role: Role, instruction: str | None = None) -> list[list[Any]]:
+        """The LM prompt of each input: text segments with its image where ``<image>`` stands.
         ``instruction=None`` takes the model's default for ``role``; ``""`` means none."""
         if instruction is None:
             instruction = self.config.instructions.get(role, "")
-        # Cut like a text: an instruction of any length would otherwise run whole through the LM.
+        # Cut like a text (once per call, not per input): an instruction of any length would
+        # otherwise run whole through the LM.
         instruction = self._truncate(instruction, "instruction") if instruction else instruction
-        text = self._truncate(item.text, item.name) if item.text else None
-        prompt = build_prompt(role, instruction, text, item.image is not None)
-        return [item.image if segment is IMAGE else segment for segment in prompt.segments]
+        out = []
+        for item in batch:
+            text = self._truncate(item.text, item.name) if item.text else None
+            prompt = build_prompt(role, instruction, text, item.image is not None)
+            out.append([item.image if segment is IMAGE else segment for segment in prompt.segments])
+        return out
 
     def embed_prompts(self, prompts: list[list[Any]]) -> torch.Tensor:
-        """``(B, D)`` last-token states of LM prompts (``prompt_segments``).
+        """``(B, D)`` last-token states of LM prompts (``prompts``).
 
         With ``prefix_states`` (a model loaded for inference) and no gradient wanted, prompts are
         grouped by the instruction line they open with, and each group runs through the LM on top

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hmac
 import io
+import itertools
 import json
 import logging
 import math
@@ -233,8 +234,11 @@ class Service:
         embedder, step = self.embedder, self.settings.batch.max_batch
         out = []
         for start in range(0, len(items), step):
-            lm_prompts = [embedder.prompt_segments(item, role, instruction) for item, (role, instruction)
-                          in zip(items[start : start + step], prompts[start : start + step])]
+            # Consecutive inputs of one request share their role and instruction: one prompts() call each.
+            runs = itertools.groupby(zip(items[start : start + step], prompts[start : start + step]),
+                                     key=lambda pair: pair[1])
+            lm_prompts = [p for (role, instruction), run in runs
+                          for p in embedder.prompts([item for item, _ in run], role, instruction)]
             with torch.inference_mode():
                 pooled = embedder.embed_prompts(lm_prompts)
             out.append(pooled.float().cpu().numpy())
