@@ -26,7 +26,9 @@ Variants: ``old`` (a8da1f2, float32), ``new`` (defaults: dtype auto), ``new-fp32
 (float32 weights under ``torch.autocast(bfloat16)``, the alternative to bf16 weights),
 ``new-nothreads`` (defaults, images decoded inline: what the decode threads buy) and
 ``new-unmerged`` (defaults, but LoRA kept apart from the base weights, as ``trainable=True``
-loads it: what merging buys where ``auto`` means float32).
+loads it: what merging buys where ``auto`` means float32) and ``new-oneworker`` (defaults, but
+every batch on the calling thread: what the two model workers buy). ``--index-variants`` takes
+``old``, ``new`` and ``new-oneworker`` (``index --image-workers 1``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "flickr8k-1k"
-VARIANTS = ("old", "new", "new-fp32", "new-autocast", "new-nothreads", "new-unmerged")
+VARIANTS = ("old", "new", "new-fp32", "new-autocast", "new-nothreads", "new-unmerged", "new-oneworker")
+INDEX_VARIANTS = ("old", "new", "new-oneworker")
 
 
 # -- worker ------------------------------------------------------------------------------
@@ -67,6 +70,8 @@ def worker(variant: str, model_folder: str) -> None:
     model = MagicEmbedder.from_pretrained(model_folder, **kwargs)
     if variant == "new-nothreads":
         model.decode_threads = 0
+    if variant == "new-oneworker":
+        model.model_workers = 1
     context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if variant == "new-autocast" \
         else contextlib.nullcontext
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -167,10 +172,10 @@ def encode_bench(args: argparse.Namespace) -> dict:
 
 
 def index_bench(args: argparse.Namespace) -> dict:
-    """Wall time of ``magic-mm index IMAGES --db FRESH`` for old and new code, alternating."""
-    times: dict[str, list[float]] = {"old": [], "new": []}
+    """Wall time of ``magic-mm index IMAGES --db FRESH`` for each index variant, alternating."""
+    times: dict[str, list[float]] = {v: [] for v in args.index_variants}
     for rep in range(args.index_reps):
-        for variant in rotate(["old", "new"], rep):
+        for variant in rotate(list(args.index_variants), rep):
             root = args.old if variant == "old" else REPO
             env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
             env.pop("MAGIC_MM_DTYPE", None)
@@ -178,6 +183,7 @@ def index_bench(args: argparse.Namespace) -> dict:
                 cmd = [sys.executable, "-m", "magic_mm.cli", "index", str(DATA / "images"), "--db",
                        f"{tmp}/x.lance", "--model", str(args.model), "--quiet", "--json"]
                 cmd += ["--limit", str(args.index_limit)] if args.index_limit else []
+                cmd += ["--image-workers", "1"] if variant == "new-oneworker" else []
                 start = time.perf_counter()
                 proc = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True)
                 elapsed = time.perf_counter() - start
@@ -204,6 +210,7 @@ def main() -> None:
     parser.add_argument("--index", action="store_true", help="also time `magic-mm index` of the photos")
     parser.add_argument("--index-only", action="store_true")
     parser.add_argument("--index-reps", type=int, default=1)
+    parser.add_argument("--index-variants", default="old,new", help=f"from {', '.join(INDEX_VARIANTS)}")
     parser.add_argument("--index-limit", type=int, default=0, help="index only this many photos (0: all)")
     parser.add_argument("--save", type=Path, help="write the JSON result here")
     args = parser.parse_args()
@@ -215,6 +222,11 @@ def main() -> None:
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if "old" not in args.variants:
         args.variants.insert(0, "old")
+    args.index_variants = [v.strip() for v in args.index_variants.split(",") if v.strip()]
+    if unknown := set(args.variants) - set(VARIANTS) | set(args.index_variants) - set(INDEX_VARIANTS):
+        sys.exit(f"unknown variant(s): {', '.join(sorted(unknown))}")
+    if "old" not in args.index_variants:
+        args.index_variants.insert(0, "old")
     result: dict = {"load_average_at_start": os.getloadavg(), "cpus": os.cpu_count()}
     if not args.index_only:
         res = result["encode"] = encode_bench(args)
@@ -230,8 +242,10 @@ def main() -> None:
     if args.index or args.index_only:
         print("\nmagic-mm index (model load included):", flush=True)
         res = result["index"] = index_bench(args)
-        old, new = statistics.median(res["seconds"]["old"]), statistics.median(res["seconds"]["new"])
-        print(f"old {old:.1f} s, new {new:.1f} s: {old / new:.2f}× faster")
+        old = statistics.median(res["seconds"]["old"])
+        for variant in args.index_variants[1:]:
+            new = statistics.median(res["seconds"][variant])
+            print(f"old {old:.1f} s, {variant} {new:.1f} s: {old / new:.2f}× faster")
     result["load_average_at_end"] = os.getloadavg()
     print(f"\nload average at start {result['load_average_at_start']}, at end {result['load_average_at_end']}")
     if args.save:

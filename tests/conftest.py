@@ -47,6 +47,17 @@ def default_model():
     return MagicEmbedder.from_pretrained("magic-mm-tiny")
 
 
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, as on a 2-core CPU, whatever runs the tests."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_image(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:
     """A deterministic, non-uniform RGB image."""
     import numpy as np

@@ -135,15 +135,6 @@ def test_usage_counts_do_not_run_the_vision_encoder(servers, model):
     assert calls == [1]  # the embedding itself, nothing else
 
 
-@pytest.fixture
-def two_threads():
-    """Two intra-op threads, as on a 2-core CPU, whatever runs the tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_an_image_pass_is_split_over_single_threaded_workers_with_the_same_answers(tiny_composed, two_threads):
     from magic_mm.serve.app import Service
 
@@ -246,23 +237,6 @@ def test_the_server_warms_every_model_thread_before_its_first_request(monkeypatc
     workers = service.settings.batch.image_workers
     expected = {threads} | ({threads // workers} if threads >= workers > 1 else set())
     assert measured == expected
-
-
-def test_image_workers_leave_later_threads_on_all_intra_op_threads(tiny_composed, two_threads):
-    """torch.set_num_threads in a worker also sets what every later thread starts with; the pool
-    must put that back, or a batcher thread started after it would run on one thread."""
-    from magic_mm.serve.app import image_worker_pool
-
-    pool = image_worker_pool(tiny_composed, 2)
-    try:
-        assert {pool.submit(torch.get_num_threads).result() for _ in range(4)} == {1}
-        later: list[int] = []
-        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
-        thread.start()
-        thread.join()
-        assert later == [2]
-    finally:
-        pool.shutdown()
 
 
 def test_a_large_jpeg_sent_to_the_server_is_decoded_like_the_same_file_embedded_locally(tiny_composed):

@@ -77,6 +77,9 @@ def index(
                                                                       "1 where there are GPUs, else 0).")] = None,
     cpus_per_worker: Annotated[float, typer.Option(min=0.01, help="--engine ray: CPUs (torch threads) per "
                                                                   "replica.")] = 1.0,
+    image_workers: Annotated[int | None, typer.Option(min=1, help="--engine local, on a CPU: batches embedded "
+                                                                  "side by side, each on its share of the torch "
+                                                                  "threads (default 2; 1: one at a time on all).")] = None,
 ) -> None:
     """Embed images and PDF pages under PATHS into a LanceDB index, incrementally.
 
@@ -93,6 +96,9 @@ def index(
         raise UserError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if engine == "local" and (ray_address, workers, gpus_per_worker) != (None, None, None):
         raise UserError("--ray-address, --workers and --gpus-per-worker go with --engine ray; add --engine ray")
+    if engine == "ray" and image_workers is not None:
+        raise UserError("--image-workers goes with --engine local; with --engine ray use --workers and "
+                        "--cpus-per-worker")
     model = model_for(db, model)
     if engine == "ray":
         summary, stamp, note = _index_on_ray(
@@ -108,7 +114,7 @@ def index(
         if note and not as_json:
             err.print(note, highlight=False, soft_wrap=True)
         summary = index_paths(embedder, store, paths, prune=prune, batch_size=batch_size, limit=limit,
-                              show_progress=not (quiet or as_json))
+                              show_progress=not (quiet or as_json), workers=image_workers)
     if ann is not None:
         with err.status(f"building {ann} index …"):
             store.build_ann(ann)

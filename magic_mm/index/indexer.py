@@ -4,7 +4,8 @@ Per run: scan the paths, hash every file, and compare with the table.  A documen
 whose rows are exactly pages 1..N of the same content is skipped; any other is
 (re-)embedded and written with ``PageStore.replace`` (delete, then one atomic add).
 Documents are flushed in groups of about ``batch_size`` pages, so a kill loses at most
-one group's work and never leaves a page twice (see ``magic_mm.index.store``).
+the groups being embedded (one more than the model workers) and never leaves a page twice
+(see ``magic_mm.index.store``).
 
 The rules live in ``IndexRun`` (what to skip, what a failure does, how a group of
 documents is written, pruning and the summary); ``index_paths`` drives it in this process
@@ -14,7 +15,8 @@ engines build interchangeable indexes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from magic_mm.errors import UserError
 from magic_mm.index.files import Document, content_hash, find_documents, render_pages
 from magic_mm.index.store import PageStore
 from magic_mm.model.embedder import MagicEmbedder
+from magic_mm.model.workers import map_in_order, model_worker_pool
 from magic_mm.progress import progress
 
 
@@ -161,23 +164,24 @@ def index_paths(
     batch_size: int = 16,
     limit: int | None = None,
     show_progress: bool = False,
+    workers: int | None = None,
 ) -> IndexSummary:
-    """Bring ``store`` up to date with the image and PDF files under ``paths`` (in this process)."""
+    """Bring ``store`` up to date with the image and PDF files under ``paths`` (in this process).
+
+    On a CPU, ``workers`` batches (default ``embedder.model_workers``) are embedded side by side,
+    each on its share of torch's threads, while this thread hashes and decodes the next files
+    and writes finished batches in file order (``magic_mm.model.workers``)."""
     roots = resolve_roots(paths)
     run = IndexRun(store, roots, find_documents(roots), prune=prune, limit=limit, batch_size=batch_size)
-    pending: list[tuple[Document, str, list[Image.Image]]] = []
+    workers = embedder.model_workers if workers is None else workers
+    if workers < 1:
+        raise UserError(f"--image-workers {workers}: use 1 or more")
+    Group = list[tuple[Document, str, list[Image.Image]]]
 
-    def embed_pending() -> None:
-        images = [image for _, _, pages in pending for image in pages]
-        vectors = embedder.encode(images, role="candidate", batch_size=batch_size)
-        start = 0
-        for doc, file_hash, pages in pending:
-            run.ready.append(EmbeddedDocument(str(doc.path), doc.kind, file_hash, vectors[start:start + len(pages)]))
-            start += len(pages)
-        advance(len(pending), run.flush())
-        pending.clear()
-
-    with progress(len(run.documents), show_progress, "indexing", rate_unit="rows") as advance:
+    def groups(advance: Callable[[int], None]) -> Iterator[Group]:
+        """The files to embed, decoded, in groups of about ``batch_size`` pages; current files
+        are skipped and unreadable ones recorded as they come."""
+        pending: Group = []
         for doc in run.documents:
             key = str(doc.path)
             try:
@@ -193,9 +197,27 @@ def index_paths(
                 continue
             pending.append((doc, file_hash, pages))
             if sum(len(p) for _, _, p in pending) >= batch_size:
-                embed_pending()
+                yield pending
+                pending = []
         if pending:
-            embed_pending()
+            yield pending
+
+    def embed(group: Group) -> np.ndarray:
+        # One batch per call (the group is about batch_size pages), on the thread it runs on.
+        return embedder.encode([image for _, _, pages in group for image in pages], role="candidate",
+                               batch_size=batch_size, workers=1)
+
+    pool = model_worker_pool(embedder.backbone.device, workers, "magic-mm-index")
+    with progress(len(run.documents), show_progress, "indexing", rate_unit="rows") as advance, \
+            pool or nullcontext():
+        # One group more than there are workers in flight, so a worker that finishes finds the
+        # next group waiting while this thread writes the last one.
+        for group, vectors in map_in_order(embed, groups(advance), pool, workers + 1):
+            start = 0
+            for doc, file_hash, pages in group:
+                run.ready.append(EmbeddedDocument(str(doc.path), doc.kind, file_hash, vectors[start:start + len(pages)]))
+                start += len(pages)
+            advance(len(group), run.flush())
     return run.finish()
 
 

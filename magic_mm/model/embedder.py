@@ -6,7 +6,7 @@ import os
 import warnings
 from collections.abc import Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from magic_mm.model.lm_batch import LMBatch, PrefixStates, build_lm_batch, last_
 from magic_mm.model.packed_linear import pack_linears
 from magic_mm.model.prompts import IMAGE, ROLES, Role, build_prompt, shared_opening
 from magic_mm.model.row_attention import use_rowwise_sdpa
+from magic_mm.model.workers import DEFAULT_WORKERS, map_in_order, model_worker_pool
 
 TINY_RANDOM_PREFIX = "tiny-random-"
 # Worker threads that decode and resize images while the model runs (PIL releases the GIL).
@@ -92,6 +93,9 @@ class MagicEmbedder(torch.nn.Module):
         # float32 copy of the trained weights when the model runs in another dtype (index stamps).
         self.source_state: dict[str, torch.Tensor] | None = None
         self.decode_threads = DECODE_THREADS
+        # On a CPU, successive batches of one encode() run side by side on this many threads
+        # (``magic_mm.model.workers``); 1: every batch on the calling thread.
+        self.model_workers = DEFAULT_WORKERS
         # Stored LM states of instruction lines (``embed_prompts``): set by ``from_pretrained`` for
         # inference; training and its evaluations run every token.
         self.prefix_states: PrefixStates | None = None
@@ -287,12 +291,16 @@ class MagicEmbedder(torch.nn.Module):
         show_progress: bool = False,
         normalize: bool = True,
         dim: int | None = None,
+        workers: int | None = None,
     ) -> np.ndarray:
         """Embed texts, images (path / PIL / bytes) and (image, text) pairs → ``(N, D)`` float32.
 
         ``role`` picks the prompt (``Query:`` vs ``Text:``) and the default instruction
         from the model config; pass ``instruction=""`` for none.  ``dim`` keeps the first
         ``dim`` components (Matryoshka truncation), re-normalised if ``normalize``.
+        ``workers`` (default ``self.model_workers``): on a CPU, successive batches run side by
+        side on this many threads, each with its share of torch's intra-op threads; 1 runs every
+        batch here on all of them (``magic_mm.model.workers``).
         """
         if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
             raise BadInputError("encode() takes a list of inputs; wrap a single input in a list")
@@ -302,6 +310,8 @@ class MagicEmbedder(torch.nn.Module):
             raise BadInputError(f"dim={dim} is out of range; choose 1..{self.embedding_dim}")
         if batch_size < 1:
             raise BadInputError(f"batch_size must be >= 1, got {batch_size}")
+        if workers is not None and workers < 1:
+            raise BadInputError(f"workers must be >= 1, got {workers}")
         # Texts are checked (cheap) in input order first, so a bad text is reported before any
         # image is decoded; images are checked as their batch is decoded.
         items = [self._check_text(item, i) for i, item in enumerate(inputs)]
@@ -310,12 +320,19 @@ class MagicEmbedder(torch.nn.Module):
         order = sorted(range(len(items)), key=lambda i: _length_key(items[i]))
         batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
         vectors: list[torch.Tensor] = []
+
+        def embed(prepared_batch: tuple[list[int], list[PreparedInput]]) -> torch.Tensor:
+            with torch.inference_mode():  # per thread: entered on the worker that runs the batch
+                return self.embed_prepared(prepared_batch[1], role, instruction).float().cpu()
+
+        workers = self.model_workers if workers is None else workers
+        pool = model_worker_pool(self.backbone.device, workers) if len(batches) > 1 else None
         with progress(len(inputs), show_progress, f"embedding ({role}s)") as advance, \
-                closing(self._prefetched(items, batches)) as prepared:
-            for _, batch in prepared:
-                with torch.inference_mode():
-                    pooled = self.embed_prepared(batch, role, instruction)
-                vectors.append(pooled.float().cpu())
+                closing(self._prefetched(items, batches)) as prepared, pool or nullcontext():
+            # Up to one batch more than there are workers in flight, so a worker that finishes
+            # finds the next batch waiting while this thread hands over the last one's vectors.
+            for (batch, _), pooled in map_in_order(embed, prepared, pool, workers + 1):
+                vectors.append(pooled)
                 advance(len(batch))
         if not vectors:
             return np.zeros((0, dim or self.embedding_dim), dtype=np.float32)

@@ -45,6 +45,7 @@ from magic_mm.index.search import (
 from magic_mm.index.store import Hit, PageStore
 from magic_mm.model.embedder import MagicEmbedder
 from magic_mm.model.inputs import MMInput, PreparedInput
+from magic_mm.model.workers import model_worker_pool
 from magic_mm.serve.batcher import MicroBatcher, Pass, ServerBusyError, finish, run_in_order
 from magic_mm.serve.limits import (
     ApiError,
@@ -59,14 +60,6 @@ log = logging.getLogger("magic_mm.serve")
 THUMBNAIL_SIZE = 256
 ROLES = ("query", "candidate")
 T = TypeVar("T")
-
-
-def _use_threads(count: int) -> None:
-    torch.set_num_threads(count)
-    # torch reads the process-wide count into a thread's own on the thread's first query; do it
-    # now, while that count is this one, so that putting the process-wide count back later
-    # leaves this thread's alone.
-    torch.get_num_threads()
 
 
 def load_on_own_thread(load: Callable[[], T]) -> T:
@@ -104,25 +97,6 @@ def one_intra_op_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def image_worker_pool(embedder: MagicEmbedder, workers: int) -> ThreadPoolExecutor | None:
-    """Threads that run parts of an image pass side by side, each with an equal share of torch's
-    intra-op threads (the count is per thread, so the rest of the server keeps all of them).
-    None where splitting cannot help: one worker asked for, a GPU, or fewer threads than workers."""
-    threads = torch.get_num_threads()
-    if workers < 2 or embedder.backbone.device.type != "cpu" or threads < workers:
-        return None
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="magic-mm-image",
-                              initializer=_use_threads, initargs=(threads // workers,))
-    # torch.set_num_threads also sets the count every thread started later begins with, so a
-    # batcher or request thread started after the workers would run on threads // workers. Start
-    # every worker now (each waits at the barrier until all exist), then put the default back.
-    barrier = threading.Barrier(workers)
-    for started in [pool.submit(barrier.wait) for _ in range(workers)]:
-        started.result()
-    torch.set_num_threads(threads)
-    return pool
 
 
 # What one image worker (one intra-op thread) spends on magic-mm-tiny's passes, in photos: a pass
@@ -163,7 +137,7 @@ class Service:
         self._reranker_lock = threading.RLock()  # the reranker is not the batcher's model; one call at a time
         self._visual_tokens: dict[tuple[tuple[int, int], ...], int] = {}
         self._visual_tokens_lock = threading.Lock()
-        self._image_workers = image_worker_pool(embedder, settings.batch.image_workers)
+        self._image_workers = model_worker_pool(embedder.backbone.device, settings.batch.image_workers, "magic-mm-image")
 
     @property
     def image_workers(self) -> int:
