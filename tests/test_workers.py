@@ -65,13 +65,13 @@ def test_map_in_order_keeps_the_order_bounds_the_work_in_flight_and_raises_at_it
             yield job
 
     with model_worker_pool(torch.device("cpu"), 2) or pytest.skip("needs 2 intra-op threads") as pool:
-        results = map_in_order(work, jobs(), pool, in_flight=3)
+        results = map_in_order(work, jobs(), pool, workers=2)  # 3 in flight
         assert [next(results) for _ in range(5)] == [(j, j * 10) for j in range(5)]
         assert len(made) <= 5 + 3  # jobs are made as room frees up, not all at once
         with pytest.raises(ValueError, match="job 5 failed"):
             next(results)
     assert most <= 2  # never more at once than the pool's workers
-    assert list(map_in_order(lambda j: -j, iter(range(3)), None, 3)) == [(0, 0), (1, -1), (2, -2)]
+    assert list(map_in_order(lambda j: -j, iter(range(3)), None, 1)) == [(0, 0), (1, -1), (2, -2)]
 
 
 def test_jobs_on_model_workers_run_under_the_callers_autocast(two_threads):
@@ -80,8 +80,8 @@ def test_jobs_on_model_workers_run_under_the_callers_autocast(two_threads):
 
     with model_worker_pool(torch.device("cpu"), 2) or pytest.skip("needs 2 intra-op threads") as pool:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert {r for _, r in map_in_order(modes, range(4), pool, 3)} == {(True, torch.bfloat16)}
-        assert {r[0] for _, r in map_in_order(modes, range(4), pool, 3)} == {False}
+            assert {r for _, r in map_in_order(modes, range(4), pool, 2)} == {(True, torch.bfloat16)}
+        assert {r[0] for _, r in map_in_order(modes, range(4), pool, 2)} == {False}
 
 
 def test_encode_on_model_workers_gives_the_vectors_of_one_batch_at_a_time(tiny_composed, two_threads):

@@ -175,7 +175,7 @@ def index_paths(
     run = IndexRun(store, roots, find_documents(roots), prune=prune, limit=limit, batch_size=batch_size)
     workers = embedder.model_workers if workers is None else workers
     if workers < 1:
-        raise UserError(f"--image-workers {workers}: use 1 or more")
+        raise UserError(f"workers must be >= 1, got {workers} (--image-workers on the command line)")
     Group = list[tuple[Document, str, list[Image.Image]]]
 
     def groups(advance: Callable[[int], None]) -> Iterator[Group]:
@@ -210,9 +210,7 @@ def index_paths(
     pool = model_worker_pool(embedder.backbone.device, workers, "magic-mm-index")
     with progress(len(run.documents), show_progress, "indexing", rate_unit="rows") as advance, \
             pool or nullcontext():
-        # One group more than there are workers in flight, so a worker that finishes finds the
-        # next group waiting while this thread writes the last one.
-        for group, vectors in map_in_order(embed, groups(advance), pool, workers + 1):
+        for group, vectors in map_in_order(embed, groups(advance), pool, workers):
             start = 0
             for doc, file_hash, pages in group:
                 run.ready.append(EmbeddedDocument(str(doc.path), doc.kind, file_hash, vectors[start:start + len(pages)]))

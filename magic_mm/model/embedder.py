@@ -329,9 +329,7 @@ class MagicEmbedder(torch.nn.Module):
         pool = model_worker_pool(self.backbone.device, workers) if len(batches) > 1 else None
         with progress(len(inputs), show_progress, f"embedding ({role}s)") as advance, \
                 closing(self._prefetched(items, batches)) as prepared, pool or nullcontext():
-            # Up to one batch more than there are workers in flight, so a worker that finishes
-            # finds the next batch waiting while this thread hands over the last one's vectors.
-            for (batch, _), pooled in map_in_order(embed, prepared, pool, workers + 1):
+            for (batch, _), pooled in map_in_order(embed, prepared, pool, workers):
                 vectors.append(pooled)
                 advance(len(batch))
         if not vectors:

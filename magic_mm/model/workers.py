@@ -51,9 +51,9 @@ def model_worker_pool(device: torch.device, workers: int, prefix: str = "magic-m
 
 
 def map_in_order(fn: Callable[[J], R], jobs: Iterable[J], pool: ThreadPoolExecutor | None,
-                 in_flight: int) -> Iterator[tuple[J, R]]:
-    """``(job, fn(job))`` for each job, in the jobs' order, with up to ``in_flight`` jobs running on
-    ``pool`` while the caller makes the next job (``jobs`` is consumed on the calling thread) and
+                 workers: int) -> Iterator[tuple[J, R]]:
+    """``(job, fn(job))`` for each job, in the jobs' order, with the ``workers`` threads of ``pool``
+    busy while the caller makes the next job (``jobs`` is consumed on the calling thread) and
     takes the results. Without a pool every job runs here. Jobs run under the caller's CPU autocast,
     as they would here. A job's exception is raised at its turn; jobs not yet started are then
     cancelled."""
@@ -62,6 +62,9 @@ def map_in_order(fn: Callable[[J], R], jobs: Iterable[J], pool: ThreadPoolExecut
             yield job, fn(job)
         return
     fn = under_callers_autocast(fn)
+    # One job more than there are workers in flight, so a worker that finishes finds the next
+    # job waiting while the caller takes the last one's result.
+    in_flight = workers + 1
     running: deque[tuple[J, Future[R]]] = deque()
     try:
         for job in jobs:
