@@ -23,7 +23,7 @@ R = TypeVar("R")
 DEFAULT_WORKERS = 2
 
 
-def use_threads(count: int) -> None:
+def _use_threads(count: int) -> None:
     torch.set_num_threads(count)
     # torch reads the process-wide count into a thread's own on the thread's first query; do it
     # now, while that count is this one, so that putting the process-wide count back later
@@ -38,7 +38,7 @@ def model_worker_pool(device: torch.device, workers: int, prefix: str = "magic-m
     threads = torch.get_num_threads()
     if workers < 2 or device.type != "cpu" or threads < workers:
         return None
-    pool = ThreadPoolExecutor(workers, thread_name_prefix=prefix, initializer=use_threads,
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=prefix, initializer=_use_threads,
                               initargs=(threads // workers,))
     # torch.set_num_threads also sets the count every thread started later begins with, so a
     # thread started after the workers would run on threads // workers. Start every worker now
