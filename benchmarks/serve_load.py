@@ -72,7 +72,7 @@ class ServerProcess:
 
     def __init__(self, name: str, max_batch: int, image_workers: int, model: str, args: argparse.Namespace) -> None:
         command = [sys.executable, str(Path(__file__).resolve()), "--child", f"{max_batch}:{image_workers}",
-                   "--model", model, "--dtype", args.dtype, "--clients", str(args.clients),
+                   "--model", model, "--dtype", args.dtype, "--device", args.device, "--clients", str(args.clients),
                    "--max-wait-ms", str(args.max_wait_ms)] + (["--db", str(args.db)] if args.db else [])
         self.name = name
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -104,7 +104,8 @@ def serve_one(args: argparse.Namespace) -> None:
 
     max_batch, image_workers = (int(x) for x in args.child.split(":"))
     store = PageStore.open(args.db) if args.db else None
-    embedder = load_on_own_thread(lambda: MagicEmbedder.from_pretrained(args.model, dtype=args.dtype))
+    embedder = load_on_own_thread(lambda: MagicEmbedder.from_pretrained(args.model, dtype=args.dtype,
+                                                                       device=args.device))
     if store is not None:
         check_same_model(store, embedder, args.model)
     app = create_app(embedder, args.model, store, ServeSettings(batch=BatchSettings(
@@ -112,7 +113,8 @@ def serve_one(args: argparse.Namespace) -> None:
     service = app.state.service
     with ServerThread(app) as server:
         dtype = str(next(embedder.backbone.parameters()).dtype).removeprefix("torch.")
-        print("READY " + json.dumps({"url": server.url, "dtype": dtype, "image_workers": service.image_workers}),
+        print("READY " + json.dumps({"url": server.url, "dtype": dtype, "device": str(embedder.backbone.device),
+                                     "image_workers": service.image_workers}),
               flush=True)
         for line in sys.stdin:
             if line.strip() == "stats":
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--db", type=Path, default=None, help="index for the search requests of the mixed load")
     parser.add_argument("--model", default=None, help="default: the index's model, else magic-mm-tiny")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has it), float32 or bfloat16")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when torch sees one), cpu, cuda or cuda:N")
     parser.add_argument("--mix", choices=("text", "image", "mixed", "all"), default="all")
     parser.add_argument("--images", type=Path, default=None, help="folder of photos for the image mix")
     parser.add_argument("--clients", type=int, default=16)
@@ -163,7 +166,7 @@ def main() -> None:
     # OpenMP team (two servers in one process would slow each other's every op; docs/serving.md).
     servers = {name: ServerProcess(name, size, workers, model, args) for name, (size, workers) in variants.items()}
     info = servers["micro-batched"].info
-    print(f"{model} ({info['dtype']}) · {args.clients} clients · {args.rounds} rounds × {args.per_client} requests "
+    print(f"{model} ({info['dtype']}, {info['device']}) · {args.clients} clients · {args.rounds} rounds × {args.per_client} requests "
           f"per client per server · max_batch {args.max_batch}, max_wait {args.max_wait_ms:g} ms, "
           f"image passes split over {info['image_workers']} · one process per server", flush=True)
     try:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from magic_mm.cli_options import DtypeOpt
+from magic_mm.cli_options import DeviceOpt, DtypeOpt, load_embedder
 from magic_mm.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -32,16 +32,6 @@ CompressionOpt = Annotated[
     str | None, typer.Option(help="Override compression: none, bilinear:2, avgpool:2, bilinear:7x7, ...")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-
-
-def load_model(model: str, compression: str | None, dtype: str = "auto") -> Any:
-    from transformers.utils import logging as hf_logging
-
-    from magic_mm import MagicEmbedder
-
-    hf_logging.disable_progress_bar()
-    with err.status(f"loading {model} …"):
-        return MagicEmbedder.from_pretrained(model, compression=compression, dtype=dtype)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -62,7 +52,7 @@ def info(
     as_json: JsonOpt = False,
 ) -> None:
     """Show the model, its parts, dimensions and visual tokens per image."""
-    embedder = load_model(model, compression)
+    embedder = load_embedder(model, compression)
     data = embedder.info(parse_size(image_size))
     if as_json:
         print(json.dumps(data, indent=2))
@@ -93,6 +83,7 @@ def embed(
     dim: Annotated[int | None, typer.Option(help="Keep the first DIM components (Matryoshka).")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Report and skip bad inputs instead of stopping.")] = False,
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -121,7 +112,7 @@ def embed(
     else:
         items = [MMInput(text=t) for t in texts]
 
-    embedder = load_model(model, compression, dtype)
+    embedder = load_embedder(model, compression, dtype=dtype, device=device)
     from magic_mm.progress import progress
 
     vectors, kept, skipped = [], [], []
@@ -149,13 +140,20 @@ def embed(
              "image": str(item.image) if item.image is not None else None} for item, _ in kept]
     write_embeddings(out_path, matrix, rows, skipped, embedder)
     summary = {"out": str(out_path), "rows": len(rows), "dim": int(matrix.shape[1]), "skipped": skipped,
-               "model": embedder.config.name, "compression": str(embedder.compression)}
+               "model": embedder.config.name, "compression": str(embedder.compression), **where_it_ran(embedder)}
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
         out.print(f"wrote {len(rows)} × {matrix.shape[1]} embeddings to {out_path}")
         for s in skipped:
             err.print(f"[yellow]skipped[/] {s['error']}")
+
+
+def where_it_ran(embedder: Any) -> dict[str, str]:
+    """The device and dtype the vectors were computed with, for --json (``auto`` resolved)."""
+    from magic_mm.model.dtypes import dtype_name
+
+    return {"device": str(embedder.backbone.device), "dtype": dtype_name(embedder.backbone.dtype)}
 
 
 def write_embeddings(path: Path, matrix: np.ndarray, rows: list[dict], skipped: list[dict], embedder: Any) -> None:
@@ -190,13 +188,14 @@ def demo(
     compression: CompressionOpt = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Embed a split's images and captions, then show the best images for a few captions."""
     from magic_mm.data.captions import read_captioned_images
 
     items = read_captioned_images(data, split)
-    embedder = load_model(model, compression, dtype)
+    embedder = load_embedder(model, compression, dtype=dtype, device=device)
     image_vecs = embedder.encode([i.path for i in items], role="candidate", batch_size=batch_size,
                                  show_progress=not as_json)
     captions = [(c, n) for n, i in enumerate(items) for c in i.captions]
@@ -214,7 +213,7 @@ def demo(
         "top": [{"image": items[int(c)].image, "score": round(float(scores[j, c]), 4),
                  "match": int(c) == captions[j][1]} for c in order[j, :k]],
     } for j in shown]
-    result = {"model": embedder.config.name, "compression": str(embedder.compression),
+    result = {"model": embedder.config.name, "compression": str(embedder.compression), **where_it_ran(embedder),
               "visual_tokens_per_image": embedder.backbone.visual_tokens(448, 448),
               "split": split, "images": len(items), "captions": len(captions),
               "text_to_image": recall, "examples": examples}

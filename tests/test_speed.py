@@ -3,8 +3,11 @@ decoding with length sorting, and the dtype an index records.  Never asserts on 
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,10 +372,27 @@ def test_bad_dtype_and_device_are_user_errors():
     with pytest.raises(UserError, match=r"dtype 'fp8': unknown dtype; use one of auto, float32, bfloat16, float16"):
         MagicEmbedder.from_pretrained("tiny-random-composed", dtype="fp8")
     if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="no CUDA GPU is available"):
+        with pytest.raises(UserError, match=r"device 'cuda': no CUDA GPU is visible to this torch; use device='cpu'"):
             MagicEmbedder.from_pretrained("tiny-random-composed", device="cuda")
     with pytest.raises(UserError, match="unknown device"):
         MagicEmbedder.from_pretrained("tiny-random-composed", device="tpu-ish")
+
+
+def test_device_auto_takes_a_visible_gpu_and_a_named_one_must_exist(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert dtypes.resolve_device("auto") == dtypes.resolve_device(None) == torch.device("cpu")
+    assert dtypes.resolve_device(" CPU ") == torch.device("cpu")
+    with pytest.raises(UserError, match=r"--device 'cuda': no CUDA GPU is visible to this torch; use --device cpu"):
+        dtypes.resolve_device("cuda", "--device")
+    with pytest.raises(UserError, match=r"--device 'mps': magic-mm runs on a CPU or a CUDA GPU"):
+        dtypes.resolve_device("mps", "--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert dtypes.resolve_device("auto") == torch.device("cuda")
+    assert dtypes.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match=r"device 'cuda:2': this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+        dtypes.resolve_device("cuda:2")
 
 
 @needs_cpu_bf16
@@ -384,14 +404,48 @@ def test_bf16_vectors_stay_close_to_fp32(tiny_composed):
         assert cos.min() > 0.99, cos
 
 
-@pytest.mark.parametrize("command", ["embed", "index", "search", "serve", "eval", "bench"])
-def test_installed_script_rejects_an_unknown_dtype(command):
-    script = [sys.executable, "-m", "magic_mm.cli"]
+MODEL_COMMANDS = ["embed", "demo", "index", "search", "serve", "eval", "bench"]
+SCRIPT = Path(sys.executable).with_name("magic-mm")
+
+
+def run_script(command: str, *options: str) -> subprocess.CompletedProcess:
     args = {"embed": ["--text", "hi"], "index": ["."], "search": ["hi"]}.get(command, [])
-    proc = subprocess.run([*script, command, *args, "--dtype", "fp4"], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(SCRIPT), command, *args, *options], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_installed_script_rejects_an_unknown_dtype_and_device(command):
+    for option, message in (("--dtype", "--dtype 'fp4': unknown dtype; use one of auto, float32, bfloat16, float16"),
+                            ("--device", "--device 'tpu': unknown device; use one of auto, cpu, cuda, cuda:N")):
+        proc = run_script(command, option, message.split("'")[1])
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer of a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_refused_before_the_load():
+    proc = run_script("embed", "--device", "cuda:0")
     assert proc.returncode == 2, proc.stderr
-    assert "--dtype 'fp4': unknown dtype; use one of auto, float32, bfloat16, float16" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "--device 'cuda:0': no CUDA GPU is visible to this torch; use --device cpu" in proc.stderr
+    assert "loading" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_embed_json_says_where_auto_ran_it(tmp_path):
+    proc = run_script("embed", "--model", "tiny-random-composed", "--out", str(tmp_path / "v.npy"), "--json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert summary["dtype"] == dtypes.dtype_name(dtypes.resolve_dtype("auto", summary["device"]))
+    assert np.load(tmp_path / "v.npy").shape == (1, summary["dim"])
+
+
+def test_index_device_goes_with_the_local_engine(tmp_path):
+    proc = run_script("index", "--db", str(tmp_path / "db.lance"), "--engine", "ray", "--device", "cpu")
+    assert proc.returncode == 2, proc.stderr
+    assert "--device cpu goes with --engine local" in proc.stderr and "--gpus-per-worker" in proc.stderr
 
 
 # -- threaded decoding and length sorting --------------------------------------------------

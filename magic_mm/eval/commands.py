@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from magic_mm.cli_options import DtypeOpt
+from magic_mm.cli_options import DeviceOpt, DtypeOpt
 from magic_mm.errors import UserError
 
 out = Console()
@@ -45,6 +45,7 @@ def eval_command(
     cache: Annotated[bool, typer.Option(help="Reuse and store embeddings in the per-model cache.")] = True,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache root (default: the magic-mm user cache).")] = None,
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -55,7 +56,7 @@ def eval_command(
     specs = load_tasks(tasks, only, mode)
     settings = EvalSettings(model=model, compression=compression, batch_size=batch_size, cache_root=cache_dir,
                             use_cache=cache, ties=ties, rerank=rerank, show_progress=not (quiet or as_json),
-                            dtype=dtype)  # type: ignore[arg-type]
+                            dtype=dtype, device=device)  # type: ignore[arg-type]
     summary = evaluate(specs, settings, out_dir)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -292,7 +293,7 @@ def bench_command(
     memory: Annotated[bool, typer.Option(help="Measure peak memory (one fresh process per variant).")] = True,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
     dtype: DtypeOpt = "auto",
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when a GPU is visible).")] = None,
+    device: DeviceOpt = "auto",
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")] = None,
     save: Annotated[Path | None, typer.Option("--save", help="Also write the JSON result to this file.")] = None,
     as_json: JsonOpt = False,

@@ -41,6 +41,7 @@ class EvalSettings:
     rerank: bool = False
     show_progress: bool = False
     dtype: str = "auto"  # see magic_mm.model.dtypes; the embedding cache is kept per resolved dtype
+    device: str = "cpu"  # or "auto", "cuda", "cuda:N"; it changes what dtype "auto" resolves to
 
 
 @dataclass
@@ -80,11 +81,12 @@ def make_encoder(settings: EvalSettings) -> CachedEncoder:
 
         hf_logging.disable_progress_bar()
 
-        return MagicEmbedder.from_pretrained(settings.model, compression=settings.compression, dtype=settings.dtype)
+        return MagicEmbedder.from_pretrained(settings.model, compression=settings.compression, dtype=settings.dtype,
+                                             device=settings.device)
 
-    from magic_mm.model.dtypes import dtype_name, resolve_dtype
+    from magic_mm.model.dtypes import dtype_name, resolve_device, resolve_dtype
 
-    dtype = dtype_name(resolve_dtype(settings.dtype))
+    dtype = dtype_name(resolve_dtype(settings.dtype, resolve_device(settings.device)))
     cache = (EmbeddingCache.for_model(settings.model, settings.cache_root, dtype) if settings.use_cache
              else EmbeddingCache(None))
     return CachedEncoder(load, cache, compression, instructions, settings.batch_size, settings.show_progress)
@@ -142,7 +144,7 @@ def load_reranker(settings: EvalSettings) -> Any:
     """The model's reranker; a folder without one raises ModelFolderError (a UserError) naming it."""
     from magic_mm.model.reranker import MagicReranker
 
-    return MagicReranker.from_pretrained(settings.model)
+    return MagicReranker.from_pretrained(settings.model, device=settings.device)
 
 
 def _as_input(item: Item) -> Any:

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from magic_mm.cli_options import DtypeOpt
+from magic_mm.cli_options import DeviceOpt, DtypeOpt, load_embedder
 from magic_mm.errors import UserError
 
 out = Console()
@@ -28,18 +28,6 @@ ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", help="Model; default: the one the index was built with (new index: magic-mm-tiny).")]
 CompressionOpt = Annotated[str | None, typer.Option(help="Override compression (must match the index).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-
-
-def load_embedder(model: str, compression: str | None, quiet: bool = False, dtype: str = "auto") -> Any:
-    from transformers.utils import logging as hf_logging
-
-    from magic_mm import MagicEmbedder
-
-    hf_logging.disable_progress_bar()
-    if quiet:
-        return MagicEmbedder.from_pretrained(model, compression=compression, dtype=dtype)
-    with err.status(f"loading {model} …"):
-        return MagicEmbedder.from_pretrained(model, compression=compression, dtype=dtype)
 
 
 def model_for(db: str, model: str | None) -> str:
@@ -65,6 +53,7 @@ def index(
     ann: Annotated[str | None, typer.Option(help="Then build an ANN index: ivf-pq or hnsw (for >100k rows).")] = None,
     rebuild: Annotated[bool, typer.Option(help="Drop the index's rows first and re-embed everything.")] = False,
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     engine: Annotated[str, typer.Option(help="local: this process; ray: a Ray cluster (pip install "
@@ -99,6 +88,9 @@ def index(
     if engine == "ray" and image_workers is not None:
         raise UserError("--image-workers goes with --engine local; with --engine ray use --workers and "
                         "--cpus-per-worker")
+    if engine == "ray" and device != "auto":
+        raise UserError(f"--device {device} goes with --engine local; with --engine ray each replica runs on "
+                        "the GPUs Ray gives it (--gpus-per-worker)")
     model = model_for(db, model)
     if engine == "ray":
         summary, stamp, note = _index_on_ray(
@@ -107,7 +99,7 @@ def index(
             gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
         store = PageStore.open(db)
     else:
-        embedder = load_embedder(model, compression, quiet or as_json, dtype)
+        embedder = load_embedder(model, compression, quiet or as_json, dtype, device)
         stamp = ModelStamp.of(embedder, model)
         store = PageStore.open_or_create(db, stamp, rebuild=rebuild)
         note = store.stamp.dtype_note(stamp)
@@ -190,6 +182,7 @@ def search(
     model: ModelOpt = None,
     compression: CompressionOpt = None,
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Search the index with a text, an image, or both; shows rank, score, path and page."""
@@ -199,8 +192,8 @@ def search(
     query = query_input(text, image)
     store = PageStore.open(db)
     model = model or store.stamp.model
-    reranker = load_reranker(model) if rerank else None  # fail before the slow part
-    embedder = load_embedder(model, compression, as_json, dtype)
+    reranker = load_reranker(model, device=device) if rerank else None  # fail before the slow part
+    embedder = load_embedder(model, compression, as_json, dtype, device)
     note = check_same_model(store, embedder, model)
     if note:
         err.print(note, highlight=False, soft_wrap=True)

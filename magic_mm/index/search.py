@@ -35,13 +35,14 @@ class RerankerUnavailableError(UserError):
     """``--rerank`` was asked for, but the model has no reranker."""
 
 
-def load_reranker(model: str, embedder: MagicEmbedder | None = None) -> Any:
+def load_reranker(model: str, embedder: MagicEmbedder | None = None, device: str = "cpu") -> Any:
     """The reranker for ``model``, or a ``RerankerUnavailableError`` saying why not.
 
     ``magic-mm-tiny`` → its shipped ``FusionReranker`` (default_model/fusion_reranker/); a folder
     with ``fusion_reranker.json`` → that ``FusionReranker``; otherwise a ``MagicReranker`` folder
     (``reranker.json``).  ``embedder`` (the first stage) lets a ``FusionReranker`` score
-    candidates that come without first-stage scores."""
+    candidates that come without first-stage scores.  A ``MagicReranker`` is loaded on ``device``;
+    a ``FusionReranker``'s own small text encoder stays on the CPU."""
     from magic_mm.model.config import DEFAULT_MODEL_NAME
     from magic_mm.model.fusion_reranker import FUSION_FILE, FusionReranker
     from magic_mm.model.reranker import MagicReranker
@@ -49,7 +50,7 @@ def load_reranker(model: str, embedder: MagicEmbedder | None = None) -> Any:
     try:
         if model == DEFAULT_MODEL_NAME or _holds(model, FUSION_FILE):
             return FusionReranker.from_pretrained(model, embedder=embedder)
-        return MagicReranker.from_pretrained(model)
+        return MagicReranker.from_pretrained(model, device=device)
     except (UserError, OSError, TypeError, ValueError) as exc:
         raise RerankerUnavailableError(
             f"reranking is not available for model {model!r} ({exc}); search without reranking") from None

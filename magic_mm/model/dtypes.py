@@ -1,4 +1,9 @@
-"""Which number format a model runs in, per device.
+"""Which device a model runs on, and which number format it runs in there.
+
+Device: ``"auto"`` (the command line's default) is the first CUDA GPU when torch sees one,
+else the CPU (``resolve_device``).
+
+Number format:
 
 ``"auto"`` (the default everywhere) means bfloat16 where the hardware computes it
 natively and float32 elsewhere:
@@ -35,8 +40,34 @@ _NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
 class DtypeError(UserError):
     """An unknown dtype name."""
+
+
+def resolve_device(value: str | torch.device | None, source: str = "device") -> torch.device:
+    """``"auto"`` / ``None`` → ``cuda`` when torch sees a GPU, else ``cpu``; any other value is
+    checked here, before a slow load, so a typo or a GPU this torch cannot see fails with a
+    ``UserError`` that names ``source`` (``device`` in the API, ``--device`` on the command line)."""
+    if value is None or str(value).strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choices = f"use one of {', '.join(DEVICE_CHOICES)}"
+    try:
+        device = torch.device(str(value).strip().lower()) if isinstance(value, str) else torch.device(value)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{source} {value!r}: unknown device; {choices}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"{source} {value!r}: magic-mm runs on a CPU or a CUDA GPU; {choices}")
+    if device.type == "cuda":
+        fix = "--device cpu" if source.startswith("--") else "device='cpu'"
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"{source} {value!r}: no CUDA GPU is visible to this torch; use {fix}")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"{source} {value!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def parse_dtype(value: str | torch.dtype | None, source: str = "dtype") -> torch.dtype | None:

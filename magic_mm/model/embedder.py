@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from magic_mm.errors import BadInputError, ModelFolderError, UserError
+from magic_mm.errors import BadInputError, ModelFolderError
 from magic_mm.progress import progress
 from magic_mm.model.backbones import Backbone, backbone_class, checkpoint_family
 from magic_mm.model.compression import Compression
@@ -28,7 +28,7 @@ from magic_mm.model.config import (
     LoraSettings,
     read_folder_config,
 )
-from magic_mm.model.dtypes import resolve_dtype
+from magic_mm.model.dtypes import resolve_device, resolve_dtype
 from magic_mm.model.inputs import MAX_IMAGE_PIXELS, PreparedInput, as_input, prepare
 from magic_mm.model.lm_batch import LMBatch, PrefixStates, build_lm_batch, last_token_states, with_images_encoded
 from magic_mm.model.packed_linear import pack_linears
@@ -44,16 +44,6 @@ LORA_PREFIX = "lora."
 
 class TextTruncatedWarning(UserWarning):
     """A text was longer than ``max_text_tokens`` and was cut."""
-
-
-def _device(value: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError):
-        raise UserError(f"device {value!r}: unknown device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {value!r}: no CUDA GPU is available to this torch; use device='cpu'")
-    return device
 
 
 class _Pending:
@@ -127,12 +117,13 @@ class MagicEmbedder(torch.nn.Module):
         ``compression`` overrides the saved setting (e.g. ``"none"`` or ``"bilinear:4"``).
         ``dtype``: ``"auto"`` (bf16 on a GPU or a CPU with native bf16, else float32; see
         ``magic_mm.model.dtypes``), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
-        ``device="cuda"`` puts the whole model on the GPU.
+        ``device``: ``"cpu"`` (the default), ``"cuda"`` / ``"cuda:N"`` (the whole model on that
+        GPU) or ``"auto"`` (a GPU when torch sees one, else the CPU).
         ``trainable=True`` keeps LoRA adapters separate from the base weights, to train them
         further; by default they are merged in, for inference (one matrix product per layer
         instead of three).
         """
-        target = _device(device)
+        target = resolve_device(device)
         run_dtype = resolve_dtype(dtype, target)  # fails on a typo before the slow load
         name = str(name_or_folder)
         if name.startswith(TINY_RANDOM_PREFIX):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Annotated
@@ -9,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from magic_mm.cli_options import DtypeOpt
+from magic_mm.cli_options import DeviceOpt, DtypeOpt, load_embedder
 from magic_mm.errors import UserError
 from magic_mm.index import commands as index_commands
 
@@ -24,6 +25,7 @@ def serve(
     model: index_commands.ModelOpt = None,
     compression: index_commands.CompressionOpt = None,
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     api_key: Annotated[str | None, typer.Option(
         help=f"Require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set).")] = None,
     allow_remote_images: Annotated[bool, typer.Option(help="Let clients send http(s) image URLs for the server to fetch.")] = False,
@@ -39,7 +41,7 @@ def serve(
                   "pass beside the images (1: one pass at a time).")] = 2,
 ) -> None:
     """Serve the OpenAI-compatible API (/v1/embeddings, /v1/rerank, /v1/search) and the web page (/)."""
-    from magic_mm.index.search import check_same_model
+    from magic_mm.index.search import check_same_model, load_reranker
     from magic_mm.index.store import PageStore
     from magic_mm.serve.app import create_app, load_on_own_thread
     from magic_mm.serve.batcher import BatchSettings
@@ -48,7 +50,7 @@ def serve(
 
     store = PageStore.open(db) if db is not None else None
     model = model or (store.stamp.model if store is not None else "magic-mm-tiny")
-    embedder = load_on_own_thread(lambda: index_commands.load_embedder(model, compression, dtype=dtype))
+    embedder = load_on_own_thread(lambda: load_embedder(model, compression, dtype=dtype, device=device))
     if store is not None:
         note = check_same_model(store, embedder, model)
         if note:
@@ -64,7 +66,8 @@ def serve(
     if max_image_mb > max_body_mb:
         raise UserError("--max-image-mb is larger than --max-body-mb; an image that size could never arrive")
     err.print(f"magic-mm serving {model} on http://{host}:{port} (web page at /, API under /v1/)")
-    serve_forever(create_app(embedder, model, store, settings), host, port)
+    rerankers_on_device = functools.partial(load_reranker, device=device)
+    serve_forever(create_app(embedder, model, store, settings, rerankers_on_device), host, port)
 
 
 def register(app: typer.Typer) -> None:
