@@ -140,20 +140,13 @@ def embed(
              "image": str(item.image) if item.image is not None else None} for item, _ in kept]
     write_embeddings(out_path, matrix, rows, skipped, embedder)
     summary = {"out": str(out_path), "rows": len(rows), "dim": int(matrix.shape[1]), "skipped": skipped,
-               "model": embedder.config.name, "compression": str(embedder.compression), **where_it_ran(embedder)}
+               "model": embedder.config.name, "compression": str(embedder.compression), **embedder.placement}
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
         out.print(f"wrote {len(rows)} × {matrix.shape[1]} embeddings to {out_path}")
         for s in skipped:
             err.print(f"[yellow]skipped[/] {s['error']}")
-
-
-def where_it_ran(embedder: Any) -> dict[str, str]:
-    """The device and dtype the vectors were computed with, for --json (``auto`` resolved)."""
-    from magic_mm.model.dtypes import dtype_name
-
-    return {"device": str(embedder.backbone.device), "dtype": dtype_name(embedder.backbone.dtype)}
 
 
 def write_embeddings(path: Path, matrix: np.ndarray, rows: list[dict], skipped: list[dict], embedder: Any) -> None:
@@ -213,7 +206,7 @@ def demo(
         "top": [{"image": items[int(c)].image, "score": round(float(scores[j, c]), 4),
                  "match": int(c) == captions[j][1]} for c in order[j, :k]],
     } for j in shown]
-    result = {"model": embedder.config.name, "compression": str(embedder.compression), **where_it_ran(embedder),
+    result = {"model": embedder.config.name, "compression": str(embedder.compression), **embedder.placement,
               "visual_tokens_per_image": embedder.backbone.visual_tokens(448, 448),
               "split": split, "images": len(items), "captions": len(captions),
               "text_to_image": recall, "examples": examples}

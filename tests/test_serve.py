@@ -153,6 +153,7 @@ def test_search_text_image_thumbnails_and_rerank(server, plain_server, store, ti
 def test_health_and_page(server, store):
     status, body = request(server, "GET", "/health")
     assert status == 200 and body["model"] == MODEL and body["index"]["rows"] == store.count() == 6
+    assert (body["device"], body["dtype"]) == ("cpu", "float32")
     conn = http.client.HTTPConnection(server.split("//")[1].split(":")[0], int(server.rsplit(":", 1)[1]))
     conn.request("GET", "/")
     page = conn.getresponse()

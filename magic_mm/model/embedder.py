@@ -28,7 +28,7 @@ from magic_mm.model.config import (
     LoraSettings,
     read_folder_config,
 )
-from magic_mm.model.dtypes import resolve_device, resolve_dtype
+from magic_mm.model.dtypes import dtype_name, resolve_device, resolve_dtype
 from magic_mm.model.inputs import MAX_IMAGE_PIXELS, PreparedInput, as_input, prepare
 from magic_mm.model.lm_batch import LMBatch, PrefixStates, build_lm_batch, last_token_states, with_images_encoded
 from magic_mm.model.packed_linear import pack_linears
@@ -261,6 +261,11 @@ class MagicEmbedder(torch.nn.Module):
             self.prefix_states.clear()  # new parameters: stored states no longer match
 
     # -- embedding ------------------------------------------------------------------
+    @property
+    def placement(self) -> dict[str, str]:
+        """Where the vectors are computed: ``{"device": "cpu", "dtype": "float32"}`` (``auto`` resolved)."""
+        return {"device": str(self.backbone.device), "dtype": dtype_name(self.backbone.dtype)}
+
     @property
     def embedding_dim(self) -> int:
         return self.backbone.hidden_size

@@ -315,6 +315,7 @@ def create_app(embedder: MagicEmbedder, model: str, store: PageStore | None = No
     async def health() -> dict[str, Any]:
         return {
             "status": "ok", "model": model, "dim": embedder.embedding_dim, "compression": str(embedder.compression),
+            **embedder.placement,
             "index": None if store is None else {"db": str(store.db_path), "rows": store.count()},
             "auth": settings.api_key is not None,
             "batching": {"max_batch": settings.batch.max_batch, "max_wait_ms": settings.batch.max_wait_ms,
