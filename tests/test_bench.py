@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
+from magic_mm.data.captions import read_captioned_images
+from magic_mm.errors import ModelFolderError
+from magic_mm.eval import bench
 from magic_mm.eval.bench import add_ratios, memory_job, summarise, time_job
 from magic_mm.eval.plot import bench_plot
+from magic_mm.model.backbones import composed
+from tests.conftest import REPO
 
 JOB = {"target": {"kind": "embedder", "model": "tiny-random-composed"}, "variants": ["none", "bilinear:2"],
        "reps": 2, "items": 2, "batch": 2, "data": "/nonexistent", "threads": None}
@@ -140,3 +148,31 @@ def test_bench_table_shows_the_split(run_cli, tmp_path):
     assert code == 0, err
     assert "where a candidate's time goes" in out and "matmul peak GFLOP/s" in out
     assert "cpu, float32" in out
+
+
+def test_gpu_pack_carries_a_tokenizer_that_bench_finds_without_the_gguf_package(tmp_path, monkeypatch, flickr_dir):
+    """A GPU machine gets the repo and benchmarks/gpu_pack.py's folder, not the 94 MB SmolLM2 GGUF:
+    the random InternVL shapes must still tokenize text exactly as here."""
+    flickr = flickr_dir
+    out = tmp_path / "gpu"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_pack.py"), "--out", str(out),
+                           "--photos", "2", "--data", str(flickr)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert f"MAGIC_MM_CACHE={out}/cache" in done.stdout and "--device cuda" in done.stdout
+    assert sorted(p.name for p in (out / "data" / "images").iterdir()) == sorted(
+        i.image for i in read_captioned_images(flickr)[:2])
+    assert len(read_captioned_images(out / "data")) == 2  # bench --data reads it
+
+    real = bench.bpe_tokenizer()
+    monkeypatch.setenv("MAGIC_MM_CACHE", str(out / "cache"))
+
+    def package_missing():
+        raise ModelFolderError("the SmolLM2 weights package is not installed")
+
+    monkeypatch.setattr(composed, "smollm2_gguf_path", package_missing)
+    text = "A child in a pink dress is climbing up a set of stairs in an entry way ."
+    assert bench.bpe_tokenizer()(text)["input_ids"] == real(text)["input_ids"]
+    monkeypatch.setenv("MAGIC_MM_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(ModelFolderError, match="not installed"):
+        bench.bpe_tokenizer()

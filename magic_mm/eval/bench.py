@@ -191,13 +191,25 @@ class ClipSubject:
 
 
 def bpe_tokenizer() -> Any:
-    """SmolLM2's BPE tokenizer, so random models see realistic token counts for text."""
+    """SmolLM2's BPE tokenizer, so random models see realistic token counts for text.
+
+    From the dequantised SmolLM2 in the cache, else from its GGUF package.  A machine without
+    the package (a GPU machine the repo is copied to: the GGUF is too large to carry) reads the
+    tokenizer files alone from ``$MAGIC_MM_CACHE/smollm2-135m-instruct-*/``, which
+    ``benchmarks/gpu_pack.py`` lays out."""
     from transformers import AutoTokenizer
 
+    from magic_mm.errors import ModelFolderError
     from magic_mm.model.backbones.composed import load_smollm2, smollm2_gguf_path
     from magic_mm.model.cache import cache_dir
 
-    folder = cache_dir() / f"smollm2-135m-instruct-{smollm2_gguf_path().stat().st_size}"
+    try:
+        folder = cache_dir() / f"smollm2-135m-instruct-{smollm2_gguf_path().stat().st_size}"
+    except ModelFolderError:
+        carried = sorted(cache_dir().glob("smollm2-135m-instruct-*/tokenizer.json"))
+        if not carried:
+            raise
+        return AutoTokenizer.from_pretrained(carried[-1].parent)
     return AutoTokenizer.from_pretrained(folder) if folder.is_dir() else load_smollm2()[1]
 
 
