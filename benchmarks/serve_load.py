@@ -112,9 +112,7 @@ def serve_one(args: argparse.Namespace) -> None:
         max_batch=max_batch, max_wait_ms=args.max_wait_ms, max_queue=4 * args.clients, image_workers=image_workers)))
     service = app.state.service
     with ServerThread(app) as server:
-        dtype = str(next(embedder.backbone.parameters()).dtype).removeprefix("torch.")
-        print("READY " + json.dumps({"url": server.url, "dtype": dtype, "device": str(embedder.backbone.device),
-                                     "image_workers": service.image_workers}),
+        print("READY " + json.dumps({"url": server.url, **embedder.placement, "image_workers": service.image_workers}),
               flush=True)
         for line in sys.stdin:
             if line.strip() == "stats":
@@ -166,8 +164,8 @@ def main() -> None:
     # OpenMP team (two servers in one process would slow each other's every op; docs/serving.md).
     servers = {name: ServerProcess(name, size, workers, model, args) for name, (size, workers) in variants.items()}
     info = servers["micro-batched"].info
-    print(f"{model} ({info['dtype']}, {info['device']}) · {args.clients} clients · {args.rounds} rounds × {args.per_client} requests "
-          f"per client per server · max_batch {args.max_batch}, max_wait {args.max_wait_ms:g} ms, "
+    print(f"{model} ({info['dtype']}, {info['device']}) · {args.clients} clients · {args.rounds} rounds × "
+          f"{args.per_client} requests per client per server · max_batch {args.max_batch}, max_wait {args.max_wait_ms:g} ms, "
           f"image passes split over {info['image_workers']} · one process per server", flush=True)
     try:
         rows, quiet_notes = [], []
