@@ -1,18 +1,22 @@
 """Lay out what the GPU check needs beside the repo, for a session that is lent a GPU machine.
 
 The device machine gets a copy of the working tree (64 MiB at most, the repo is about 51) and
-nothing else: no ../shared data, and no SmolLM2 GGUF package (94 MB), whose tokenizer the
-random-init InternVL3 shapes use for realistic text lengths. This writes, under --out (default
-.gpu/, which it adds to .git/info/exclude so that only `carry` sends it):
+nothing else: no ../shared data, no SmolLM2 GGUF package (94 MB; magic-mm-tiny's LM weights and
+its tokenizer come from it), and no FastAPI or uvicorn. This writes, under --out (default .gpu/,
+which it adds to .git/info/exclude so that only `carry` sends it):
 
 - cache/smollm2-135m-instruct-tokenizer/: the tokenizer alone (about 3.5 MB), found through
-  $MAGIC_MM_CACHE by ``magic_mm.eval.bench.bpe_tokenizer``;
-- data/: --photos flickr8k photos with their captions.csv, for ``bench --data``.
+  $MAGIC_MM_CACHE by ``magic_mm.model.backbones.composed.smollm2_tokenizer``;
+- data/: --photos flickr8k photos with their captions.csv (bench --data, serve_load --images);
+- wheels/ (with --wheels): the server's packages the machine lacks, at the versions installed
+  here, for CPython 3.12 (downloaded from the package registry).
 
-It then prints the one device command: `magic-mm bench` of the InternVL3-2B shape at s = 1
-and s = 2 in bf16, timed per candidate at batch 1 with CUDA synchronisation.
+It then prints the one device command. It runs `magic-mm bench` of the InternVL3-2B shape at s = 1
+and s = 2 in bf16, timed per candidate at batch 1 with CUDA synchronisation. With --wheels it
+then runs `serve_load.py` on `random-magic-mm-tiny` (magic-mm-tiny's shapes, random weights) on
+the GPU in float32, for photos and for the mixed load.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/gpu_pack.py [--photos 16]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/gpu_pack.py [--photos 16] [--wheels]
 """
 
 from __future__ import annotations
@@ -21,28 +25,45 @@ import argparse
 import csv
 import shutil
 import subprocess
+import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from magic_mm.data.captions import read_captioned_images
-from magic_mm.eval.bench import bpe_tokenizer
+from magic_mm.model.backbones.composed import smollm2_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "flickr8k-1k"
-TOKENIZER_FOLDER = "smollm2-135m-instruct-tokenizer"  # matched by bpe_tokenizer's smollm2-135m-instruct-* glob
+TOKENIZER_FOLDER = "smollm2-135m-instruct-tokenizer"  # matched by smollm2_tokenizer's glob
+# What `magic-mm serve` needs that the device machine's image lacks (library/device/KINDS.md).
+SERVER_WHEELS = ("fastapi", "starlette", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
+                 "uvicorn")
+WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
-DEVICE_COMMAND = (
-    "export MAGIC_MM_CACHE={out}/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1; nvidia-smi -L; "
-    "python3 -m magic_mm.cli bench --archs internvl3-2b --compression '' --arch-compression none,bilinear:2 "
-    "--arch-items 4 --arch-reps 3 --arch-batch 16 --data {out}/data --device cuda "
-    "--save $OUT/bench_internvl3_2b.json 2>&1 | tee $OUT/bench.log"
-)
+BENCH = ("python3 -m magic_mm.cli bench --archs internvl3-2b --compression '' --arch-compression none,bilinear:2 "
+         "--arch-items 4 --arch-reps 3 --arch-batch 16 --data {out}/data --device cuda "
+         "--save $OUT/bench_internvl3_2b.json 2>&1 | tee $OUT/bench.log")
+SERVE_LOAD = ("python3 benchmarks/serve_load.py --model random-magic-mm-tiny --device cuda --dtype float32 "
+              "--mix {mix} --images {out}/data/images --rounds 3 --per-client 3 2>&1 | tee $OUT/serve_{mix}.log")
+
+
+def device_command(out: str, with_server: bool) -> str:
+    steps = [f"export MAGIC_MM_CACHE={out}/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD",
+             "nvidia-smi -L"]
+    if with_server:
+        steps.append(f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "
+                     f"{out}/wheels/*.whl")
+    steps.append(BENCH.format(out=out))
+    if with_server:
+        steps += [SERVE_LOAD.format(out=out, mix=mix) for mix in ("image", "mixed")]
+    return "; ".join(steps)
 
 
 def pack(out: Path, photos: int, data: Path) -> int:
     """Write the tokenizer and ``photos`` captioned photos under ``out``; the bytes written."""
     if out.exists():
         shutil.rmtree(out)
-    bpe_tokenizer().save_pretrained(out / "cache" / TOKENIZER_FOLDER)
+    smollm2_tokenizer().save_pretrained(out / "cache" / TOKENIZER_FOLDER)
     items = read_captioned_images(data)[:photos]
     (out / "data" / "images").mkdir(parents=True)
     with (out / "data" / "captions.csv").open("w", newline="", encoding="utf-8") as fh:
@@ -51,7 +72,20 @@ def pack(out: Path, photos: int, data: Path) -> int:
         for item in items:
             shutil.copyfile(item.path, out / "data" / "images" / item.image)
             writer.writerows([item.image, caption] for caption in item.captions)
-    return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return folder_bytes(out)
+
+
+def download_server_wheels(folder: Path) -> None:
+    """The server's wheels for the device machine's CPython 3.12, at this environment's versions."""
+    platforms = [arg for name in WHEEL_PLATFORMS for arg in ("--platform", name)]
+    pins = [f"{name}=={version(name)}" for name in SERVER_WHEELS]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *pins],
+                   check=True)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def exclude_from_git(out: Path) -> None:
@@ -76,18 +110,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / ".gpu")
     parser.add_argument("--photos", type=int, default=16, help="captioned photos to carry (bench's --arch-batch)")
     parser.add_argument("--data", type=Path, default=DATA, help="image–caption folder to take them from")
+    parser.add_argument("--wheels", action="store_true",
+                        help="also download the server's wheels and add the GPU serve_load runs")
     args = parser.parse_args()
     if args.photos < 1:
         parser.error("--photos: at least 1")
-    size = pack(args.out, args.photos, args.data)
+    pack(args.out, args.photos, args.data)
+    if args.wheels:
+        download_server_wheels(args.out / "wheels")
     exclude_from_git(args.out)
     try:
         carry = args.out.resolve().relative_to(REPO).as_posix()
     except ValueError:
         carry = str(args.out)
-    print(f"wrote {args.out} ({size / 2**20:.1f} MiB): the tokenizer and {args.photos} photos")
+    print(f"wrote {args.out} ({folder_bytes(args.out) / 2**20:.1f} MiB): the tokenizer, {args.photos} photos"
+          + (" and the server's wheels" if args.wheels else ""))
     print(f"device run, from the repo root, with carry [{carry!r}] and timeout_s 600:")
-    print(DEVICE_COMMAND.format(out=carry))
+    print(device_command(carry, args.wheels))
 
 
 if __name__ == "__main__":

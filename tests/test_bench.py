@@ -164,7 +164,7 @@ def test_gpu_pack_carries_a_tokenizer_that_bench_finds_without_the_gguf_package(
         i.image for i in read_captioned_images(flickr)[:2])
     assert len(read_captioned_images(out / "data")) == 2  # bench --data reads it
 
-    real = bench.bpe_tokenizer()
+    real = composed.smollm2_tokenizer()
     monkeypatch.setenv("MAGIC_MM_CACHE", str(out / "cache"))
 
     def package_missing():
@@ -172,7 +172,7 @@ def test_gpu_pack_carries_a_tokenizer_that_bench_finds_without_the_gguf_package(
 
     monkeypatch.setattr(composed, "smollm2_gguf_path", package_missing)
     text = "A child in a pink dress is climbing up a set of stairs in an entry way ."
-    assert bench.bpe_tokenizer()(text)["input_ids"] == real(text)["input_ids"]
+    assert composed.smollm2_tokenizer()(text)["input_ids"] == real(text)["input_ids"]
     monkeypatch.setenv("MAGIC_MM_CACHE", str(tmp_path / "empty"))
     with pytest.raises(ModelFolderError, match="not installed"):
-        bench.bpe_tokenizer()
+        composed.smollm2_tokenizer()

@@ -144,3 +144,20 @@ def test_stored_instruction_states_keep_the_shipped_models_tokens_and_vectors(de
         default_model.prefix_states = states
     for a, b in zip(stored, full):
         np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+def test_random_magic_mm_tiny_has_the_shipped_models_shapes_prompts_and_tokens(default_model):
+    """Speed measured on random-magic-mm-tiny, where the shipped weights cannot go (a GPU machine),
+    is the shipped model's: every parameter has its shape, and the prompts and tokens match."""
+    from magic_mm import MagicEmbedder
+
+    randomised = MagicEmbedder.from_pretrained("random-magic-mm-tiny")
+    assert {k: v.shape for k, v in randomised.state_dict().items()} == {
+        k: v.shape for k, v in default_model.state_dict().items()}
+    assert randomised.config.instructions == default_model.config.instructions
+    assert str(randomised.compression) == str(default_model.compression) == "bilinear:2"
+    text = "A child in a pink dress is climbing up a set of stairs in an entry way ."
+    assert randomised.backbone.tokenizer(text)["input_ids"] == default_model.backbone.tokenizer(text)["input_ids"]
+    assert randomised.backbone.visual_tokens(448, 448) == default_model.backbone.visual_tokens(448, 448) == 49
+    shipped_lm = default_model.backbone.decoder.state_dict()
+    assert not all(torch.equal(v, shipped_lm[k]) for k, v in randomised.backbone.decoder.state_dict().items())

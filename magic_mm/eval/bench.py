@@ -142,11 +142,13 @@ class ClipSubject:
         import torch
         from transformers import CLIPConfig, CLIPModel
 
+        from magic_mm.model.backbones.composed import smollm2_tokenizer
+
         torch.manual_seed(0)
         self.model = CLIPModel(CLIPConfig()).eval()  # the defaults are ViT-B/32's shapes
         self.model.to(device=device, dtype=dtype)
         self.device, self.dtype = torch.device(device), dtype or torch.float32
-        self.tokenizer = bpe_tokenizer()
+        self.tokenizer = smollm2_tokenizer()
         self.variant = "none"
         self.size = self.model.config.vision_config.image_size
 
@@ -190,35 +192,13 @@ class ClipSubject:
                 "candidate_seq_len": (self.size // patch) ** 2 + 1}  # + CLS, in the vision tower
 
 
-def bpe_tokenizer() -> Any:
-    """SmolLM2's BPE tokenizer, so random models see realistic token counts for text.
-
-    From the dequantised SmolLM2 in the cache, else from its GGUF package.  A machine without
-    the package (a GPU machine the repo is copied to: the GGUF is too large to carry) reads the
-    tokenizer files alone from ``$MAGIC_MM_CACHE/smollm2-135m-instruct-*/``, which
-    ``benchmarks/gpu_pack.py`` lays out."""
-    from transformers import AutoTokenizer
-
-    from magic_mm.errors import ModelFolderError
-    from magic_mm.model.backbones.composed import load_smollm2, smollm2_gguf_path
-    from magic_mm.model.cache import cache_dir
-
-    try:
-        folder = cache_dir() / f"smollm2-135m-instruct-{smollm2_gguf_path().stat().st_size}"
-    except ModelFolderError:
-        carried = sorted(cache_dir().glob("smollm2-135m-instruct-*/tokenizer.json"))
-        if not carried:
-            raise
-        return AutoTokenizer.from_pretrained(carried[-1].parent)
-    return AutoTokenizer.from_pretrained(folder) if folder.is_dir() else load_smollm2()[1]
-
-
 def random_internvl(arch: str, compression: str) -> Any:
     """A ``MagicEmbedder`` over a randomly initialised InternVL3-1B/2B-shaped model."""
     import torch
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     from magic_mm import MagicEmbedder
+    from magic_mm.model.backbones.composed import smollm2_tokenizer
     from magic_mm.model.backbones.internvl import InternVLBackbone
     from magic_mm.model.compression import Compression
     from magic_mm.model.config import EmbedderConfig
@@ -230,7 +210,7 @@ def random_internvl(arch: str, compression: str) -> Any:
     model = InternVLForConditionalGeneration(config).eval()
     spec = {"base": f"random:{arch}"}
     # One 448-px tile per natural image (no thumbnail), as the paper's latency figures use.
-    backbone = InternVLBackbone(spec, Compression.parse(compression), model, bpe_tokenizer(),
+    backbone = InternVLBackbone(spec, Compression.parse(compression), model, smollm2_tokenizer(),
                                 {"max_patches": 1, "crop_to_patches": False})
     return MagicEmbedder(EmbedderConfig(family="internvl", backbone=spec, compression=compression, name=arch),
                          backbone).eval()

@@ -22,6 +22,10 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 DEFAULT_MODEL_NAME = "magic-mm-tiny"
 DEFAULT_MODEL_FOLDER = Path(__file__).resolve().parent.parent / "default_model"
+# magic-mm-tiny's prompts, compression and shapes with random weights, for speed measurements on
+# a machine that cannot hold its weights (a GPU machine gets the repo alone: docs/benchmarks.md).
+RANDOM_DEFAULT_NAME = "random-magic-mm-tiny"
+RANDOM_PARTS = {"vision": "efficientnet-lite0-random", "lm": "smollm2-135m-random"}
 
 
 @dataclass

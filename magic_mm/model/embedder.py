@@ -23,6 +23,8 @@ from magic_mm.model.config import (
     CONFIG_FILE,
     DEFAULT_MODEL_FOLDER,
     DEFAULT_MODEL_NAME,
+    RANDOM_DEFAULT_NAME,
+    RANDOM_PARTS,
     WEIGHTS_FILE,
     EmbedderConfig,
     LoraSettings,
@@ -112,7 +114,9 @@ class MagicEmbedder(torch.nn.Module):
     ) -> MagicEmbedder:
         """Load ``magic-mm-tiny``, a ``tiny-random-<family>`` test model, a folder written by
         ``save_pretrained``, or a raw transformers checkpoint folder of a known family (InternVL,
-        Qwen2/2.5/3-VL, Idefics3, SmolVLM; untrained connector/LoRA).
+        Qwen2/2.5/3-VL, Idefics3, SmolVLM; untrained connector/LoRA).  ``random-magic-mm-tiny``
+        is magic-mm-tiny with random weights: the same shapes, prompts and costs, for speed
+        measurements where its weights cannot go.
 
         ``compression`` overrides the saved setting (e.g. ``"none"`` or ``"bilinear:4"``).
         ``dtype``: ``"auto"`` (bf16 on a GPU or a CPU with native bf16, else float32; see
@@ -129,6 +133,11 @@ class MagicEmbedder(torch.nn.Module):
         if name.startswith(TINY_RANDOM_PREFIX):
             family = name[len(TINY_RANDOM_PREFIX):]
             config = EmbedderConfig(family=family, backbone=backbone_class(family).tiny_spec(), name=name)
+            model = cls.from_config(config, compression)
+        elif name == RANDOM_DEFAULT_NAME:
+            raw = read_folder_config(DEFAULT_MODEL_FOLDER)
+            raw["backbone"] = {**raw["backbone"], **RANDOM_PARTS}
+            config = EmbedderConfig.from_dict({**raw, "name": name}, name)
             model = cls.from_config(config, compression)
         else:
             folder = DEFAULT_MODEL_FOLDER if name == DEFAULT_MODEL_NAME else Path(name).expanduser()

@@ -22,12 +22,17 @@ from torch import nn
 from magic_mm.errors import ModelFolderError
 from magic_mm.model import efficientnet_lite
 from magic_mm.model.backbones.base import Backbone, count_parameters
-from magic_mm.model.cache import cached_folder
+from magic_mm.model.cache import cache_dir, cached_folder
 from magic_mm.model.compression import Compression
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VISION_PARTS = efficientnet_lite.VARIANTS
-LM_PARTS = ("smollm2-135m-instruct", "tiny-random-llama")
+LM_PARTS = ("smollm2-135m-instruct", "smollm2-135m-random", "tiny-random-llama")
+# SmolLM2-135M's shape, for the random LM of the same size (speed measurements without its weights).
+SMOLLM2_SHAPE = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                 "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+                 "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+                 "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 
 
 class MLPConnector(nn.Module):
@@ -74,6 +79,8 @@ class ComposedBackbone(Backbone):
         vision = vision_for_inference(efficientnet_lite.load_variant(vision_name, fold=True))
         if lm_name == "smollm2-135m-instruct":
             lm, tokenizer = load_smollm2()
+        elif lm_name == "smollm2-135m-random":
+            lm, tokenizer = random_smollm2()
         else:
             lm, tokenizer = tiny_llama()
         return cls(spec, compression, vision, lm, tokenizer)
@@ -174,6 +181,33 @@ def load_smollm2() -> tuple[nn.Module, Any]:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.eval(), tokenizer
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's tokenizer: from the dequantised copy in the cache, else from the GGUF package.
+
+    A machine without the package (a GPU machine the repo is copied to: the GGUF is too large to
+    carry) reads the tokenizer files alone from ``$MAGIC_MM_CACHE/smollm2-135m-instruct-*/``,
+    which ``benchmarks/gpu_pack.py`` lays out."""
+    from transformers import AutoTokenizer
+
+    try:
+        folder = cache_dir() / f"smollm2-135m-instruct-{smollm2_gguf_path().stat().st_size}"
+    except ModelFolderError:
+        carried = sorted(cache_dir().glob("smollm2-135m-instruct-*/tokenizer.json"))
+        if not carried:
+            raise
+        return AutoTokenizer.from_pretrained(carried[-1].parent)
+    return AutoTokenizer.from_pretrained(folder) if folder.is_dir() else load_smollm2()[1]
+
+
+def random_smollm2() -> tuple[nn.Module, Any]:
+    """A randomly initialised LM of SmolLM2-135M's shape, with its real tokenizer: the same
+    products and sequence lengths as the shipped LM, without its weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).eval(), smollm2_tokenizer()
 
 
 def tiny_llama() -> tuple[nn.Module, Any]:
