@@ -8,8 +8,8 @@ which it adds to .git/info/exclude so that only `carry` sends it):
 - cache/smollm2-135m-instruct-tokenizer/: the tokenizer alone (about 3.5 MB), found through
   $MAGIC_MM_CACHE by ``magic_mm.model.backbones.composed.smollm2_tokenizer``;
 - data/: --photos flickr8k photos with their captions.csv (bench --data, serve_load --images);
-- wheels/ (with --wheels): the server's packages the machine lacks, at the versions installed
-  here, for CPython 3.12 (downloaded from the package registry).
+- wheels/ (with --wheels): the server's packages the machine lacks, and typer and click, at the
+  versions installed here, for CPython 3.12 (downloaded from the package registry).
 
 It then prints the one device command. It runs `magic-mm bench` of the InternVL3-2B shape at s = 1
 and s = 2 in bf16, timed per candidate at batch 1 with CUDA synchronisation. With --wheels it
@@ -35,9 +35,10 @@ from magic_mm.model.backbones.composed import smollm2_tokenizer
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "flickr8k-1k"
 TOKENIZER_FOLDER = "smollm2-135m-instruct-tokenizer"  # matched by smollm2_tokenizer's glob
-# What `magic-mm serve` needs that the device machine's image lacks (library/device/KINDS.md).
+# What `magic-mm serve` needs that the device machine's image lacks (library/device/KINDS.md), and the
+# CLI's typer and click at the versions the suite passed with (the image's may be newer than the bounds).
 SERVER_WHEELS = ("fastapi", "starlette", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
-                 "uvicorn")
+                 "uvicorn", "typer", "click")
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 BENCH = ("python3 -m magic_mm.cli bench --archs internvl3-2b --compression '' --arch-compression none,bilinear:2 "
