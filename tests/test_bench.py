@@ -12,7 +12,6 @@ from PIL import Image
 
 from magic_mm.data.captions import read_captioned_images
 from magic_mm.errors import ModelFolderError
-from magic_mm.eval import bench
 from magic_mm.eval.bench import add_ratios, memory_job, summarise, time_job
 from magic_mm.eval.plot import bench_plot
 from magic_mm.model.backbones import composed
