@@ -60,8 +60,8 @@ def device_command(out: str, with_server: bool) -> str:
     return "; ".join(steps)
 
 
-def pack(out: Path, photos: int, data: Path) -> int:
-    """Write the tokenizer and ``photos`` captioned photos under ``out``; the bytes written."""
+def pack(out: Path, photos: int, data: Path) -> None:
+    """Write the tokenizer and ``photos`` captioned photos under ``out``."""
     if out.exists():
         shutil.rmtree(out)
     smollm2_tokenizer().save_pretrained(out / "cache" / TOKENIZER_FOLDER)
@@ -73,7 +73,6 @@ def pack(out: Path, photos: int, data: Path) -> int:
         for item in items:
             shutil.copyfile(item.path, out / "data" / "images" / item.image)
             writer.writerows([item.image, caption] for caption in item.captions)
-    return folder_bytes(out)
 
 
 def download_server_wheels(folder: Path) -> None:
@@ -89,12 +88,16 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def exclude_from_git(out: Path) -> None:
-    """Ignore ``out`` locally, so the device call sends it only when ``carry`` names it."""
+def inside_repo(out: Path) -> Path | None:
+    """``out`` relative to the repo root (what ``carry`` names), or None if it lies outside."""
     try:
-        relative = out.resolve().relative_to(REPO)
+        return out.resolve().relative_to(REPO)
     except ValueError:
-        return  # outside the repo: nothing to ignore
+        return None
+
+
+def exclude_from_git(relative: Path) -> None:
+    """Ignore the repo's ``relative`` folder locally, so the device call sends it only when ``carry`` names it."""
     git_dir = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=REPO, capture_output=True, text=True)
     if git_dir.returncode != 0:
         return
@@ -119,11 +122,10 @@ def main() -> None:
     pack(args.out, args.photos, args.data)
     if args.wheels:
         download_server_wheels(args.out / "wheels")
-    exclude_from_git(args.out)
-    try:
-        carry = args.out.resolve().relative_to(REPO).as_posix()
-    except ValueError:
-        carry = str(args.out)
+    relative = inside_repo(args.out)
+    if relative is not None:
+        exclude_from_git(relative)
+    carry = relative.as_posix() if relative is not None else str(args.out)
     print(f"wrote {args.out} ({folder_bytes(args.out) / 2**20:.1f} MiB): the tokenizer, {args.photos} photos"
           + (" and the server's wheels" if args.wheels else ""))
     print(f"device run, from the repo root, with carry [{carry!r}] and timeout_s 600:")
