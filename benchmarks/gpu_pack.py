@@ -14,7 +14,7 @@ which it adds to .git/info/exclude so that only `carry` sends it):
 It then prints the one device command. It runs `magic-mm bench` of the InternVL3-2B shape at s = 1
 and s = 2 in bf16, timed per candidate at batch 1 with CUDA synchronisation. With --wheels it
 then runs `serve_load.py` on `random-magic-mm-tiny` (magic-mm-tiny's shapes, random weights) on
-the GPU in float32, for photos and for the mixed load.
+the GPU in float32, for photos and for the mixed load, and in bf16 for photos.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/gpu_pack.py [--photos 16] [--wheels]
 """
@@ -37,26 +37,33 @@ DATA = REPO.parent / "shared" / "data" / "flickr8k-1k"
 TOKENIZER_FOLDER = "smollm2-135m-instruct-tokenizer"  # matched by smollm2_tokenizer's glob
 # What `magic-mm serve` needs that the device machine's image lacks (library/device/KINDS.md), and the
 # CLI's typer and click at the versions the suite passed with (the image's may be newer than the bounds).
+# fastapi 0.165 imports opentelemetry-api; pydantic 2.14 needs a typing-extensions newer than the image may hold.
 SERVER_WHEELS = ("fastapi", "starlette", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
-                 "uvicorn", "typer", "click")
+                 "opentelemetry-api", "typing-extensions", "uvicorn", "typer", "click")
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
-BENCH = ("python3 -m magic_mm.cli bench --archs internvl3-2b --compression '' --arch-compression none,bilinear:2 "
-         "--arch-items 4 --arch-reps 3 --arch-batch 16 --data {out}/data --device cuda "
-         "--save $OUT/bench_internvl3_2b.json 2>&1 | tee $OUT/bench.log")
-SERVE_LOAD = ("python3 benchmarks/serve_load.py --model random-magic-mm-tiny --device cuda --dtype float32 "
-              "--mix {mix} --images {out}/data/images --rounds 3 --per-client 3 2>&1 | tee $OUT/serve_{mix}.log")
+# Each step under its own `timeout`, so that one that hangs leaves the others their time; the whole
+# command fits a 600 s device call with room to spare.
+BENCH = ("timeout -k 5 300 python3 -m magic_mm.cli bench --archs internvl3-2b --compression '' "
+         "--arch-compression none,bilinear:2 --arch-items 4 --arch-reps 3 --arch-batch 16 --data {out}/data "
+         "--device cuda --save $OUT/bench_internvl3_2b.json 2>&1 | tee $OUT/bench.log")
+# float32 for the equal-answer check (IEEE float32: exact_float32_on_gpus); bf16, the GPU default, for photos last.
+SERVE_RUNS = (("image", "float32"), ("mixed", "float32"), ("image", "bfloat16"))
+SERVE_LOAD = ("timeout -k 5 90 python3 benchmarks/serve_load.py --model random-magic-mm-tiny --device cuda "
+              "--dtype {dtype} --mix {mix} --images {out}/data/images --rounds 3 --per-client 3 2>&1 "
+              "| tee $OUT/serve_{mix}_{dtype}.log")
 
 
 def device_command(out: str, with_server: bool) -> str:
     steps = [f"export MAGIC_MM_CACHE={out}/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD",
-             "nvidia-smi -L"]
+             "nvidia-smi -L",
+             "python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__)'"]
     if with_server:
         steps.append(f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "
                      f"{out}/wheels/*.whl")
     steps.append(BENCH.format(out=out))
     if with_server:
-        steps += [SERVE_LOAD.format(out=out, mix=mix) for mix in ("image", "mixed")]
+        steps += [SERVE_LOAD.format(out=out, mix=mix, dtype=dtype) for mix, dtype in SERVE_RUNS]
     return "; ".join(steps)
 
 

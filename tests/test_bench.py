@@ -12,7 +12,7 @@ from PIL import Image
 
 from magic_mm.data.captions import read_captioned_images
 from magic_mm.errors import ModelFolderError
-from magic_mm.eval.bench import add_ratios, memory_job, summarise, time_job
+from magic_mm.eval.bench import add_ratios, gqa_sdpa_flop, memory_job, summarise, time_job
 from magic_mm.eval.plot import bench_plot
 from magic_mm.model.backbones import composed
 from tests.conftest import REPO
@@ -147,6 +147,18 @@ def test_bench_table_shows_the_split(run_cli, tmp_path):
     assert code == 0, err
     assert "where a candidate's time goes" in out and "matmul peak GFLOP/s" in out
     assert "cpu, float32" in out
+
+
+@pytest.mark.parametrize("kv_heads", [16, 2])
+def test_attention_flops_count_grouped_query_heads(kv_heads):
+    """InternVL3's LMs share key/value heads across query heads; torch before 2.13 refused to count
+    those fused attention calls (the first GPU bench died on it). Equal heads and grouped heads
+    cost the same: each query head still attends over every key."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    query, key = (2, 16, 58, 128), (2, kv_heads, 70, 128)
+    assert gqa_sdpa_flop(query, key, key) == 2 * (2 * 2 * 16 * 58 * 70 * 128)
+    assert gqa_sdpa_flop(query, key, key) == sdpa_flop_count(query, key, key)  # torch 2.13's own count
 
 
 def test_gpu_pack_carries_a_tokenizer_that_bench_finds_without_the_gguf_package(tmp_path, monkeypatch, flickr_dir):

@@ -169,6 +169,46 @@ def test_an_image_pass_is_split_over_single_threaded_workers_with_the_same_answe
     assert ran[-1][0] == threading.current_thread().name
 
 
+def test_pass_sizes_are_powers_of_two_up_to_max_batch():
+    from magic_mm.serve.app import pass_size, pass_sizes
+
+    assert [pass_size(n, 32) for n in (1, 2, 3, 5, 9, 17, 32)] == [1, 2, 4, 8, 16, 32, 32]
+    assert pass_size(20, 24) == 24  # capped at max_batch
+    assert pass_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert pass_sizes(24) == [1, 2, 4, 8, 16, 24]
+
+
+def test_padded_passes_give_the_unpadded_answers_and_warm_every_size(tiny_composed):
+    """On a GPU (bucket_passes) a pass of 3 runs as 4, the last input repeated, and the extra row
+    is dropped: the answers are the unpadded ones. The warm-up then runs every padded size."""
+    from magic_mm.serve.app import Service
+
+    settings = ServeSettings(batch=BatchSettings(max_batch=8, image_workers=1))
+    padded, plain = Service(tiny_composed, MODEL, None, settings), Service(tiny_composed, MODEL, None, settings)
+    padded.bucket_passes = True
+    sizes = []
+    inner = tiny_composed.embed_prompts
+
+    def spy(prompts):
+        sizes.append(len(prompts))
+        return inner(prompts)
+
+    items = [plain.ready(prepare(make_image(60, 50, seed=80 + i))) for i in range(3)]
+    prompts = [("candidate", None)] * 2 + [("query", "Find it.")]
+    expected = plain._embed_raw(items, prompts)
+    tiny_composed.embed_prompts = spy
+    try:
+        got = padded._embed_raw(items, prompts)
+        assert sizes == [4]
+        sizes.clear()
+        padded.warm_up()
+    finally:
+        del tiny_composed.embed_prompts
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert got.shape[0] == 3
+    assert sizes == [1, 2, 4, 8] * 2  # texts, then images
+
+
 def test_a_mixed_collection_runs_its_text_and_image_passes_side_by_side_with_the_same_answers(tiny_composed,
                                                                                              two_threads):
     """With image workers, the text pass runs on one worker while the photos run on the other:

@@ -353,6 +353,29 @@ def count_fused_onednn_ops() -> None:
     _FUSED_OPS_COUNTED = True
 
 
+def gqa_sdpa_flop(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
+                  **kwargs: Any) -> int:
+    """FLOPs of one fused attention call, (b, heads, seq, dim) shapes, where key and value may have
+    fewer heads than the query (grouped-query attention, shared across head groups). torch before
+    2.13 asserts equal heads, and transformers passes grouped heads to the fused GPU kernels."""
+    batch, heads, q_len, q_dim = query_shape
+    k_len, v_dim = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * q_len * k_len * (q_dim + v_dim)  # scores = q·kᵀ, then scores·v
+
+
+def flop_counter() -> Any:
+    """A ``FlopCounterMode`` that also counts the CPU path's fused oneDNN ops and grouped-query attention."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    count_fused_onednn_ops()
+    aten = torch.ops.aten
+    fused_attention = [getattr(aten, name) for name in ("_scaled_dot_product_efficient_attention",
+                                                        "_scaled_dot_product_flash_attention",
+                                                        "_scaled_dot_product_cudnn_attention") if hasattr(aten, name)]
+    return FlopCounterMode(display=False, custom_mapping={op: gqa_sdpa_flop for op in fused_attention})
+
+
 class PartClock:
     """Times (or counts the FLOPs of) the vision encoder and the LM inside ``encode`` calls.
 
@@ -372,15 +395,11 @@ class PartClock:
         self._lm_counter: Any = None
 
     def __enter__(self) -> PartClock:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        count_fused_onednn_ops()
-
         original = self.backbone.vision_grid
 
         def vision_grid(pixels: Any) -> Any:
             if self.counting:
-                with FlopCounterMode(display=False) as counter:
+                with flop_counter() as counter:
                     out = original(pixels)
                 self.flop["vision"] += counter.get_total_flops()
                 return out
@@ -393,7 +412,7 @@ class PartClock:
 
         def lm_pre(module: Any, args: Any) -> None:
             if self.counting:
-                self._lm_counter = FlopCounterMode(display=False)
+                self._lm_counter = flop_counter()
                 self._lm_counter.__enter__()
                 return
             _sync(self.device)

@@ -142,6 +142,15 @@ def resolve_dtype(value: str | torch.dtype | None, device: str | torch.device = 
     return torch.float32
 
 
+def exact_float32_on_gpus() -> None:
+    """Run float32 on a GPU as IEEE float32, not TF32. cuDNN's convolutions default to TF32 (a
+    10-bit mantissa), whose rounding changes with the batch size: the server's micro-batched
+    answers would then differ from single-request ones by about 1e-3. bf16, not TF32, is the fast
+    GPU path. The setting is process-wide (torch has no per-model switch)."""
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+
+
 def describe_choice(device: str | torch.device = "cpu") -> dict[str, Any]:
     """What ``auto`` picks here and why (for ``bench`` and docs)."""
     dev = torch.device(device)

@@ -30,7 +30,7 @@ from magic_mm.model.config import (
     LoraSettings,
     read_folder_config,
 )
-from magic_mm.model.dtypes import dtype_name, resolve_device, resolve_dtype
+from magic_mm.model.dtypes import dtype_name, exact_float32_on_gpus, resolve_device, resolve_dtype
 from magic_mm.model.inputs import MAX_IMAGE_PIXELS, PreparedInput, as_input, prepare
 from magic_mm.model.lm_batch import LMBatch, PrefixStates, build_lm_batch, last_token_states, with_images_encoded
 from magic_mm.model.packed_linear import pack_linears
@@ -171,6 +171,8 @@ class MagicEmbedder(torch.nn.Module):
             # themselves stay as saved, so save_pretrained and the index stamp see no change.
             model.merge_lora()
         model = model.to(device=target, dtype=run_dtype).eval()
+        if target.type == "cuda" and run_dtype == torch.float32:
+            exact_float32_on_gpus()
         if target.type == "cpu" and run_dtype == torch.bfloat16:
             # Batch-invariant bf16: every product (LM, connector) packed once and run in fixed row
             # blocks, and a padded batch's attention run row by row (docs/serving.md).

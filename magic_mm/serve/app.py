@@ -62,6 +62,16 @@ ROLES = ("query", "candidate")
 T = TypeVar("T")
 
 
+def pass_size(count: int, max_batch: int) -> int:
+    """The padded size of a pass of ``count`` inputs: the next power of two, at most ``max_batch``."""
+    return min(1 << (count - 1).bit_length(), max_batch)
+
+
+def pass_sizes(max_batch: int) -> list[int]:
+    """Every size ``pass_size`` gives: 1, 2, 4, … and ``max_batch``."""
+    return sorted({pass_size(count, max_batch) for count in range(1, max_batch + 1)})
+
+
 def load_on_own_thread(load: Callable[[], T]) -> T:
     """``load()`` (a model load) run on a thread of its own that then ends.
 
@@ -138,6 +148,10 @@ class Service:
         self._visual_tokens: dict[tuple[tuple[int, int], ...], int] = {}
         self._visual_tokens_lock = threading.Lock()
         self._image_workers = model_worker_pool(embedder.backbone.device, settings.batch.image_workers, "magic-mm-image")
+        # On a GPU every pass is padded to a power of two (pass_size): each new batch size costs
+        # cuDNN a new plan per convolution, and an H200 server answered photos at 13–31 requests/s
+        # in its first rounds, then 160–175, until a size it had not seen came (docs/serving.md).
+        self.bucket_passes = embedder.backbone.device.type == "cuda"
 
     @property
     def image_workers(self) -> int:
@@ -147,11 +161,15 @@ class Service:
     def warm_up(self) -> None:
         """One text pass and one split image pass before the first request, so that no client
         waits on first-call work: oneDNN building its kernels, and each model thread measuring
-        its products' largest batch-invariant call (``packed_linear.invariant_call_rows``)."""
+        its products' largest batch-invariant call (``packed_linear.invariant_call_rows``). With
+        padded passes (a GPU), a text and an image pass of every size a pass can have."""
         start = time.perf_counter()
         gray = Image.new("RGB", (64, 64), (128, 128, 128))
-        self._embed_raw(self.embedder.prepare(["warm-up"]), [("query", None)])
-        self._embed_raw(self.embedder.prepare([gray, gray]), [("candidate", None)] * 2)
+        sizes = pass_sizes(self.settings.batch.max_batch) if self.bucket_passes else [1]
+        for size in sizes:
+            self._embed_raw(self.embedder.prepare(["warm-up"] * size), [("query", None)] * size)
+        for size in sizes if self.bucket_passes else [2]:
+            self._embed_raw(self.embedder.prepare([gray] * size), [("candidate", None)] * size)
         log.info("warm-up passes took %.1f s", time.perf_counter() - start)
 
     def close(self) -> None:
@@ -213,9 +231,12 @@ class Service:
                                      key=lambda pair: pair[1])
             lm_prompts = [p for (role, instruction), run in runs
                           for p in embedder.prompts([item for item, _ in run], role, instruction)]
+            count = len(lm_prompts)
+            if self.bucket_passes:  # the last prompt repeated; its extra rows are dropped below
+                lm_prompts += lm_prompts[-1:] * (pass_size(count, step) - count)
             with torch.inference_mode():
                 pooled = embedder.embed_prompts(lm_prompts)
-            out.append(pooled.float().cpu().numpy())
+            out.append(pooled[:count].float().cpu().numpy())
         return np.concatenate(out)
 
     def parse_inputs(self, raw: Any) -> list[PreparedInput]:
