@@ -161,6 +161,14 @@ def test_attention_flops_count_grouped_query_heads(kv_heads):
     assert gqa_sdpa_flop(query, key, key) == sdpa_flop_count(query, key, key)  # torch 2.13's own count
 
 
+def test_the_gpu_peak_is_timed_on_a_product_large_enough_to_fill_a_gpu():
+    from magic_mm.eval.bench import PEAK_SHAPES, peak_shapes
+
+    assert peak_shapes("cpu") == PEAK_SHAPES  # 2-core CPUs: a second per 8192³ product would be wasted
+    assert max(m * k * n for m, k, n in peak_shapes("cuda")) >= 8192**3
+    assert set(PEAK_SHAPES) <= set(peak_shapes("cuda:0"))
+
+
 def test_gpu_pack_carries_a_tokenizer_that_bench_finds_without_the_gguf_package(tmp_path, monkeypatch, flickr_dir):
     """A GPU machine gets the repo and benchmarks/gpu_pack.py's folder, not the 94 MB SmolLM2 GGUF:
     the random InternVL shapes must still tokenize text exactly as here."""
