@@ -50,7 +50,7 @@ BENCH = ("timeout -k 5 300 python3 -m magic_mm.cli bench --archs internvl3-2b --
 # float32 for the equal-answer check (IEEE float32: exact_float32_on_gpus); bf16, the GPU default, for photos last.
 SERVE_RUNS = (("image", "float32"), ("mixed", "float32"), ("image", "bfloat16"))
 SERVE_LOAD = ("timeout -k 5 90 python3 benchmarks/serve_load.py --model random-magic-mm-tiny --device cuda "
-              "--dtype {dtype} --mix {mix} --images {out}/data/images --rounds 3 --per-client 3 2>&1 "
+              "--dtype {dtype} --mix {mix} --images {out}/data/images --rounds 5 --per-client 3 2>&1 "
               "| tee $OUT/serve_{mix}_{dtype}.log")
 
 

@@ -395,6 +395,19 @@ def test_device_auto_takes_a_visible_gpu_and_a_named_one_must_exist(monkeypatch)
         dtypes.resolve_device("cuda:2")
 
 
+def test_float32_on_a_gpu_is_ieee_not_tf32():
+    """cuDNN's convolutions default to TF32 on a GPU, whose rounding changes with the batch
+    size; float32 on a GPU must be IEEE float32 (the server's equal answers rely on it)."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    try:
+        conv.fp32_precision, matmul.fp32_precision = "tf32", "tf32"
+        dtypes.exact_float32_on_gpus()
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before
+
+
 @needs_cpu_bf16
 def test_bf16_vectors_stay_close_to_fp32(tiny_composed):
     bf16 = MagicEmbedder.from_pretrained("tiny-random-composed", dtype="bfloat16")
