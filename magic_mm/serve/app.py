@@ -148,9 +148,10 @@ class Service:
         self._visual_tokens: dict[tuple[tuple[int, int], ...], int] = {}
         self._visual_tokens_lock = threading.Lock()
         self._image_workers = model_worker_pool(embedder.backbone.device, settings.batch.image_workers, "magic-mm-image")
-        # On a GPU every pass is padded to a power of two (pass_size): each new batch size costs
-        # cuDNN a new plan per convolution, and an H200 server answered photos at 13–31 requests/s
-        # in its first rounds, then 160–175, until a size it had not seen came (docs/serving.md).
+        # On a GPU every pass is padded to a power of two (pass_size): each batch size it has not
+        # seen costs first-call work (most likely cuDNN planning every convolution anew). Unpadded,
+        # an H200 server answered photos at 13–31 requests/s in its first rounds, then 160–175,
+        # and 15 again when a new size came (docs/serving.md).
         self.bucket_passes = embedder.backbone.device.type == "cuda"
 
     @property
@@ -165,10 +166,13 @@ class Service:
         padded passes (a GPU), a text and an image pass of every size a pass can have."""
         start = time.perf_counter()
         gray = Image.new("RGB", (64, 64), (128, 128, 128))
-        sizes = pass_sizes(self.settings.batch.max_batch) if self.bucket_passes else [1]
-        for size in sizes:
+        if self.bucket_passes:
+            text_sizes = image_sizes = pass_sizes(self.settings.batch.max_batch)
+        else:
+            text_sizes, image_sizes = [1], [2]  # two photos: one per image worker
+        for size in text_sizes:
             self._embed_raw(self.embedder.prepare(["warm-up"] * size), [("query", None)] * size)
-        for size in sizes if self.bucket_passes else [2]:
+        for size in image_sizes:
             self._embed_raw(self.embedder.prepare([gray] * size), [("candidate", None)] * size)
         log.info("warm-up passes took %.1f s", time.perf_counter() - start)
 
